@@ -1,0 +1,281 @@
+"""One typed settings object for the whole pipeline.
+
+The table :data:`PARAMETERS` is the single source of truth: name, type, default, bounds, unit, owning stage
+and description of every parameter. It drives validation, JSON round trips, ``docs/settings.md`` and the
+command line's ``--help``. Names and defaults are Kilosort4's (4.1.x ``DEFAULT_SETTINGS`` plus the
+``run_kilosort`` switches ``do_CAR`` and ``invert_sign``) so a Kilosort4 settings dict can be passed as it is;
+spikearray's own parameters follow.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SettingsError
+
+__all__ = ["Param", "PARAMETERS", "Settings"]
+
+_NUM = (int, float)
+
+
+@dataclass(frozen=True)
+class Param:
+    """Description of one setting.
+
+    Attributes
+    ----------
+    name : str
+        Kilosort4's name where it has one.
+    default : object
+        Default value (``None`` means "derived from the data", as in Kilosort4).
+    types : tuple of type
+        Accepted Python types (``None`` is also accepted when the default is ``None``).
+    stage : str
+        The stage that reads it.
+    unit : str
+        Physical unit, or ``"-"``.
+    doc : str
+        One-line description.
+    low, high : float or None
+        Inclusive bounds for numbers.
+    """
+
+    name: str
+    default: Any
+    types: tuple
+    stage: str
+    unit: str
+    doc: str
+    low: float | None = None
+    high: float | None = None
+
+
+PARAMETERS: tuple[Param, ...] = (
+    # --- recording (Kilosort4 names, accepted for compatibility) ---
+    Param("n_chan_bin", None, (int,), "recording", "channels",
+          "columns in the raw binary incl. sync; spikearray reads it from the .meta, and checks it when given", 1),
+    Param("fs", 30000.0, _NUM, "recording", "Hz",
+          "sampling rate; the recording's own rate wins, this is checked against it when changed", 1),
+    Param("tmin", 0.0, _NUM, "recording", "s", "start of the sorted time range", 0),
+    Param("tmax", math.inf, _NUM, "recording", "s", "end of the sorted time range", 0),
+    Param("shift", None, _NUM, "recording", "data units", "if set, data = data*scale + shift before anything else"),
+    Param("scale", None, _NUM, "recording", "-", "see shift"),
+    Param("data_dir", None, (str,), "recording", "-", "Kilosort4 compatibility only: pass paths to open_recording"),
+    Param("filename", None, (str,), "recording", "-", "Kilosort4 compatibility only: pass paths to open_recording"),
+    Param("results_dir", None, (str,), "recording", "-", "Kilosort4 compatibility only: use sort(output=...)"),
+    Param("probe_name", None, (str,), "recording", "-", "Kilosort4 compatibility only: use open_recording(probe=...)"),
+    Param("probe_path", None, (str,), "recording", "-", "Kilosort4 compatibility only: use open_recording(probe=...)"),
+    # --- preprocessing ---
+    Param("batch_size", 60000, (int,), "preprocessing", "samples", "batch length NT (2 s at 30 kHz)", 61),
+    Param("batch_downsampling", 1, (int,), "preprocessing", "batches", "use only every k-th batch", 1),
+    Param("do_CAR", True, (bool,), "preprocessing", "-", "subtract the median across channels at every sample"),
+    Param("invert_sign", False, (bool,), "preprocessing", "-", "multiply the data by -1 (applied consistently)"),
+    Param("highpass_cutoff", 300.0, _NUM, "preprocessing", "Hz", "Butterworth high-pass cutoff", 1),
+    Param("artifact_threshold", math.inf, _NUM, "preprocessing", "filtered data units",
+          "zero any batch whose filtered data reaches this absolute value", 0),
+    Param("nskip", 25, (int,), "preprocessing", "batches", "stride between batches used for the whitening covariance", 1),
+    Param("whitening_range", 32, (int,), "preprocessing", "channels", "neighbourhood size of the local ZCA whitening", 1),
+    # --- drift ---
+    Param("nblocks", 1, (int,), "drift", "-", "drift blocks: 0 off, 1 rigid, n>1 gives 2n-1 overlapping blocks", 0),
+    Param("binning_depth", 5.0, _NUM, "drift", "µm", "depth bin of the drift fingerprints", 0.1),
+    Param("sig_interp", 20.0, _NUM, "drift", "µm", "Gaussian kernel width of the drift interpolation", 0.1),
+    Param("drift_smoothing", (0.5, 0.5, 0.5), (list, tuple), "drift", "(shift, batch, block)",
+          "Gaussian sigma applied to the block-correlation array"),
+    # --- detection ---
+    Param("Th_universal", 9.0, _NUM, "detection", "whitened SD", "detection threshold for universal templates", 0),
+    Param("Th_learned", 8.0, _NUM, "matching", "whitened SD", "detection threshold for learned templates", 0),
+    Param("nt", 61, (int,), "detection", "samples", "waveform length; must be odd", 11, 301),
+    Param("nt0min", None, (int,), "detection", "samples", "trough index within a waveform (default int(20*nt/61))", 0),
+    Param("dmin", None, _NUM, "detection", "µm", "vertical spacing of template positions is dmin/2 (default: median pitch)", 0.1),
+    Param("dminx", 32.0, _NUM, "detection", "µm", "lateral spacing of template positions is dminx/2", 0.1),
+    Param("min_template_size", 10.0, _NUM, "detection", "µm", "sigma of the smallest spatial envelope", 0.1),
+    Param("template_sizes", 5, (int,), "detection", "-", "number of envelope sizes", 1),
+    Param("nearest_chans", 10, (int,), "detection", "channels", "channels per template / feature neighbourhood", 1),
+    Param("nearest_templates", 100, (int,), "detection", "positions", "neighbouring positions for the local-maximum test", 1),
+    Param("max_channel_distance", 32.0, _NUM, "detection", "µm",
+          "drop template positions whose nearest channel is farther than this", 0),
+    Param("templates_from_data", True, (bool,), "detection", "-", "learn the waveform bases from the data"),
+    Param("n_templates", 6, (int,), "detection", "-", "number of single-channel waveform prototypes", 1),
+    Param("n_pcs", 6, (int,), "detection", "-", "number of temporal principal components", 1),
+    Param("Th_single_ch", 6.0, _NUM, "detection", "whitened SD", "single-channel threshold for waveform snippets", 0),
+    # --- matching ---
+    Param("max_peels", 100, (int,), "matching", "iterations", "matching-pursuit passes per batch", 1, 10000),
+    # --- clustering and merges ---
+    Param("acg_threshold", 0.2, _NUM, "metrics", "ratio", "max refractory ratio R12 of a 'good' unit", 0),
+    Param("ccg_threshold", 0.25, _NUM, "merging", "ratio", "max cross-refractory ratio R12 for merging", 0),
+    Param("cluster_neighbors", 10, (int,), "clustering", "spikes", "k of the kNN graph", 1),
+    Param("cluster_downsampling", 20, (int,), "clustering", "-", "every n-th spike is a landmark", 1),
+    Param("max_cluster_subset", 25000, (int,), "clustering", "spikes", "cap on landmarks per centre", 1),
+    Param("x_centers", None, (int,), "clustering", "count", "number of lateral clustering centres (auto)", 1),
+    Param("cluster_init_seed", 5, (int,), "clustering", "-", "seed of the clustering initialisation", 0),
+    Param("duplicate_spike_ms", 0.25, _NUM, "metrics", "ms", "same-unit spikes closer than this are removed", 0),
+    Param("position_limit", 100.0, _NUM, "metrics", "µm", "max channel distance used in spike positions", 0),
+    # --- spikearray's own ---
+    Param("device", "auto", (str,), "compute", "-", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'"),
+    Param("chunk_seconds", 2.0, _NUM, "compute", "s", "length of the dask chunks along time", 0.01),
+    Param("torch_threads", None, (int,), "compute", "threads",
+          "torch threads per dask worker thread (default: cores / dask threads, at least 1)", 1),
+    Param("seed", 0, (int,), "compute", "-", "seed of every random choice (sampling, initialisations)", 0),
+)
+
+_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def _check(p: Param, value: Any) -> Any:
+    if value is None:
+        if p.default is None or p.name in ("torch_threads",):
+            return None
+        raise SettingsError(f"setting {p.name!r} cannot be None; expected {_typename(p)} (default {p.default!r}).")
+    if p.types == _NUM and isinstance(value, bool):
+        raise SettingsError(f"setting {p.name!r} got a bool ({value!r}); expected a number in {p.unit}.")
+    if isinstance(value, str) and p.types == _NUM:
+        try:
+            value = float(value)
+        except ValueError:
+            raise SettingsError(f"setting {p.name!r} got {value!r}; expected a number in {p.unit}.") from None
+    if p.types == (int,) and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if p.types == (bool,) and not isinstance(value, bool):
+        raise SettingsError(f"setting {p.name!r} got {value!r}; expected True or False.")
+    if not isinstance(value, p.types) or (p.types == (int,) and isinstance(value, bool)):
+        raise SettingsError(
+            f"setting {p.name!r} got {value!r} ({type(value).__name__}); expected {_typename(p)}"
+            f" (default {p.default!r})."
+        )
+    if isinstance(value, (list, tuple)):
+        value = tuple(float(v) for v in value)
+    if isinstance(value, _NUM) and not isinstance(value, bool):
+        if (p.low is not None and value < p.low) or (p.high is not None and value > p.high):
+            raise SettingsError(
+                f"setting {p.name!r} = {value!r} is out of bounds; expected "
+                f"{p.low if p.low is not None else '-inf'} <= {p.name} <= {p.high if p.high is not None else 'inf'}"
+                f" ({p.unit})."
+            )
+    if p.name == "nt" and value % 2 == 0:
+        raise SettingsError(f"setting 'nt' = {value} must be odd (the waveform is centred on a sample); try {value + 1}.")
+    if p.name == "drift_smoothing" and len(value) != 3:
+        raise SettingsError(f"setting 'drift_smoothing' needs 3 sigmas (shift, batch, block); got {value!r}.")
+    if p.name == "device" and not (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")):
+        raise SettingsError(f"setting 'device' = {value!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    return value
+
+
+def _typename(p: Param) -> str:
+    names = {int: "an integer", float: "a number", bool: "True/False", str: "a string", list: "a list", tuple: "a list"}
+    if p.types == _NUM:
+        return "a number"
+    return " or ".join(dict.fromkeys(names[t] for t in p.types))
+
+
+class Settings:
+    """All parameters of a sorting run, validated.
+
+    Accepts Kilosort4's setting names (a Kilosort4 ``settings`` dict can be passed as keyword arguments) and
+    spikearray's own (``device``, ``chunk_seconds``, ``torch_threads``, ``seed``). See :data:`PARAMETERS` or
+    ``docs/settings.md`` for every name, default and unit.
+
+    Parameters
+    ----------
+    **values
+        Parameter values by name. Unknown names raise :class:`~spikearray.errors.SettingsError` with the
+        closest valid name.
+
+    Examples
+    --------
+    >>> s = Settings(Th_universal=10, nblocks=5)
+    >>> s.nblocks
+    5
+    >>> Settings.from_json(s.to_json()) == s
+    True
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, **values: Any) -> None:
+        unknown = [k for k in values if k not in _BY_NAME]
+        if unknown:
+            k = unknown[0]
+            close = difflib.get_close_matches(k, list(_BY_NAME), n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise SettingsError(
+                f"unknown setting {k!r}.{hint} Valid names are Kilosort4's plus spikearray's own;"
+                " see spikearray.settings.PARAMETERS or docs/settings.md."
+            )
+        object.__setattr__(self, "_values", {p.name: _check(p, values.get(p.name, p.default)) for p in PARAMETERS})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(_BY_NAME), n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise AttributeError(f"Settings has no parameter {name!r}.{hint}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Settings are immutable; use settings.replace(name=value).")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self._values.items() if v != _BY_NAME[k].default}
+        inner = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        return f"Settings({inner})"
+
+    def replace(self, **changes: Any) -> "Settings":
+        """Return a copy with some values changed (validated like the constructor)."""
+        return Settings(**{**self._values, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """All values as a plain dict (tuples as lists, infinity as ``"inf"``): JSON-serialisable."""
+        out: dict[str, Any] = {}
+        for k, v in self._values.items():
+            if isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, float) and math.isinf(v):
+                v = "inf" if v > 0 else "-inf"
+            out[k] = v
+        return out
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string (every parameter, defaults included)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        """Rebuild from :meth:`to_json` output (or any JSON object of parameter names)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"settings JSON is not valid JSON ({e}); expected an object of name: value.") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"settings JSON must be an object of name: value, got {type(data).__name__}.")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, settings: "Settings | dict | None") -> "Settings":
+        """Accept ``None`` (defaults), a dict (Kilosort4 or spikearray names) or a Settings."""
+        if settings is None:
+            return cls()
+        if isinstance(settings, Settings):
+            return settings
+        if isinstance(settings, dict):
+            return cls(**settings)
+        raise SettingsError(f"settings must be a Settings, a dict or None; got {type(settings).__name__}.")
+
+    # Derived values Kilosort4 computes from the others.
+    @property
+    def nt0min_(self) -> int:
+        """Trough index within the waveform window (``int(20*nt/61)`` unless set)."""
+        return self.nt0min if self.nt0min is not None else int(20 * self.nt / 61)
+
+    def duplicate_spike_bins(self, sampling_rate: float) -> int:
+        """``duplicate_spike_ms`` in samples at ``sampling_rate`` Hz."""
+        return int(self.duplicate_spike_ms * sampling_rate / 1000)

@@ -1,0 +1,59 @@
+import json
+import math
+
+import pytest
+
+from spikearray import Settings
+from spikearray.errors import SettingsError
+from spikearray.settings import PARAMETERS
+
+
+def test_defaults_match_kilosort4():
+    s = Settings()
+    assert s.batch_size == 60000 and s.nblocks == 1 and s.Th_universal == 9 and s.Th_learned == 8
+    assert s.whitening_range == 32 and s.highpass_cutoff == 300 and s.nt == 61 and s.nt0min_ == 20
+    assert s.drift_smoothing == (0.5, 0.5, 0.5) and s.acg_threshold == 0.2 and s.ccg_threshold == 0.25
+    assert s.duplicate_spike_bins(30000.0) == 7
+
+
+def test_accepts_a_kilosort4_settings_dict():
+    ks = {"n_chan_bin": 385, "fs": 30000, "data_dir": "/data/run1", "nblocks": 5, "Th_learned": 7,
+          "drift_smoothing": [0.5, 1.0, 0.5]}
+    s = Settings(**ks)
+    assert s.n_chan_bin == 385 and s.nblocks == 5 and s.Th_learned == 7.0
+    assert s.drift_smoothing == (0.5, 1.0, 0.5)
+
+
+def test_unknown_key_suggests_the_closest_name():
+    with pytest.raises(SettingsError, match="Did you mean 'Th_universal'"):
+        Settings(Th_univeral=8)
+    with pytest.raises(SettingsError, match="nblocks"):
+        Settings(n_blocks=3)
+
+
+def test_bad_values_are_named():
+    with pytest.raises(SettingsError, match="nt.*odd"):
+        Settings(nt=60)
+    with pytest.raises(SettingsError, match="whitening_range.*out of bounds"):
+        Settings(whitening_range=0)
+    with pytest.raises(SettingsError, match="do_CAR"):
+        Settings(do_CAR="yes")
+    with pytest.raises(SettingsError, match="device"):
+        Settings(device="gpu")
+
+
+def test_json_round_trip_including_infinity():
+    s = Settings(nblocks=3, tmax=math.inf, device="cpu", Th_universal=10)
+    text = s.to_json()
+    assert json.loads(text)["tmax"] == "inf"
+    assert Settings.from_json(text) == s
+    assert s.replace(nblocks=0).nblocks == 0 and s.nblocks == 3
+
+
+def test_settings_are_immutable_and_table_is_complete():
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.nblocks = 2
+    names = {p.name for p in PARAMETERS}
+    assert {"Th_single_ch", "max_peels", "cluster_neighbors", "position_limit", "device"} <= names
+    assert set(s.to_dict()) == names
