@@ -1,0 +1,14 @@
+"""spikearray: spike sorting for dense extracellular probes as lazy, labelled xarray/Dask stages.
+
+Open a recording with :func:`open_recording` (SpikeGLX, raw binary, SpikeInterface), look at it, and sort it
+with :func:`sort`. Every stage is also a public function on ``DataArray``/``Dataset``.
+"""
+
+from . import accessor as _accessor  # noqa: F401  (registers rec.sa)
+from ._version import __version__
+from .errors import SpikearrayError
+from .io import ProbeLayout, format_summary, open_recording, read_probe, summary
+from .settings import Settings
+
+__all__ = ["__version__", "SpikearrayError", "Settings", "open_recording", "read_probe", "ProbeLayout",
+           "summary", "format_summary"]

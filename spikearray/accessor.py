@@ -1,0 +1,52 @@
+"""The ``.sa`` accessor on recordings, so a notebook reads ``rec.sa.summary()``.
+
+Stage methods (``rec.sa.highpass()``, ``rec.sa.preprocess(settings)``, plots) are added by the modules that
+own those stages; this module holds the accessor class and the methods that belong to the recording itself.
+"""
+
+from __future__ import annotations
+
+import xarray as xr
+
+from .io.summary import format_summary, summary
+
+__all__ = ["RecordingAccessor"]
+
+
+@xr.register_dataarray_accessor("sa")
+class RecordingAccessor:
+    """spikearray methods on a ``(time, channel)`` recording DataArray."""
+
+    def __init__(self, obj: xr.DataArray) -> None:
+        self._obj = obj
+
+    def summary(self) -> dict:
+        """Key facts as a dict (see :func:`spikearray.summary`)."""
+        return summary(self._obj)
+
+    def __repr__(self) -> str:
+        return format_summary(self._obj)
+
+    def seconds(self, start: float, stop: float) -> xr.DataArray:
+        """The samples between ``start`` and ``stop`` seconds (half-open), lazily.
+
+        ``RangeIndex`` coordinates only support ``sel(..., method="nearest")``; this computes the sample
+        positions and uses ``isel``, which keeps the lazy index.
+        """
+        fs = float(self._obj.attrs["sampling_rate"])
+        t0 = float(self._obj.attrs.get("time_start", 0.0))
+        i0 = max(0, int(round((start - t0) * fs)))
+        i1 = min(self._obj.sizes["time"], int(round((stop - t0) * fs)))
+        return self._obj.isel(time=slice(i0, i1))
+
+    def to_uV(self) -> xr.DataArray:
+        """The recording as float32 µV (lazy): counts × ``gain_to_uV`` per channel."""
+        obj = self._obj
+        if obj.attrs.get("units") == "uV":
+            return obj.astype("float32")
+        gain = obj["gain_to_uV"].astype("float32")
+        out = (obj.astype("float32") * gain).astype("float32")
+        out.attrs = {k: v for k, v in obj.attrs.items() if k != "gain_to_uV"}
+        out.attrs["units"] = "uV"
+        out.name = obj.name
+        return out

@@ -1,0 +1,82 @@
+"""Human and machine summaries of a recording (``spikearray info``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["summary", "format_summary"]
+
+
+def summary(rec: xr.DataArray) -> dict[str, Any]:
+    """Key facts of a recording as a JSON-serialisable dict.
+
+    Parameters
+    ----------
+    rec : xarray.DataArray
+        A recording from :func:`open_recording`.
+
+    Returns
+    -------
+    dict
+        ``source``, ``probe``, ``n_channels``, ``n_shanks``, ``sampling_rate`` (Hz), ``n_samples``,
+        ``duration_s``, ``dtype``, ``size_bytes``, ``uV_per_bit`` (min/max), ``x_um``/``y_um`` extents,
+        ``chunk_seconds``.
+    """
+    fs = float(rec.attrs["sampling_rate"])
+    n = int(rec.sizes["time"])
+    gains = np.asarray(rec["gain_to_uV"].values, dtype=float) if "gain_to_uV" in rec.coords else np.array([1.0])
+    chunks = rec.chunks[0] if rec.chunks else (n,)
+    return {
+        "source": rec.attrs.get("source", ""),
+        "format": rec.attrs.get("format", ""),
+        "probe": rec.attrs.get("probe", ""),
+        "n_channels": int(rec.sizes["channel"]),
+        "n_shanks": int(len(np.unique(rec["shank"].values))) if "shank" in rec.coords else 1,
+        "sampling_rate": fs,
+        "n_samples": n,
+        "duration_s": n / fs,
+        "dtype": str(rec.dtype),
+        "units": rec.attrs.get("units", ""),
+        "size_bytes": int(n * rec.sizes["channel"] * rec.dtype.itemsize),
+        "uV_per_bit": [float(gains.min()), float(gains.max())],
+        "x_um": [float(rec["x"].min()), float(rec["x"].max())] if "x" in rec.coords else None,
+        "y_um": [float(rec["y"].min()), float(rec["y"].max())] if "y" in rec.coords else None,
+        "chunk_seconds": float(chunks[0]) / fs,
+    }
+
+
+def _size(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1000 or unit == "TB":
+            return f"{b:.1f} {unit}" if unit != "B" else f"{int(b)} B"
+        b /= 1000
+    return f"{b:.1f} TB"
+
+
+def _duration(s: float) -> str:
+    if s >= 3600:
+        return f"{int(s // 3600)} h {int(s % 3600 // 60)} min {s % 60:.1f} s"
+    if s >= 60:
+        return f"{int(s // 60)} min {s % 60:.1f} s"
+    return f"{s:.3f} s"
+
+
+def format_summary(rec: xr.DataArray) -> str:
+    """A few readable lines: source, probe, channels, rate, duration, size, µV scale, extent."""
+    s = summary(rec)
+    lo, hi = s["uV_per_bit"]
+    scale = f"{lo:.6g} µV/bit" if lo == hi else f"{lo:.6g}–{hi:.6g} µV/bit"
+    if s["units"] == "uV":
+        scale = "data in µV"
+    lines = [
+        f"recording  {s['source'] or '(in memory)'}",
+        f"format     {s['format'] or '-'}   probe {s['probe'] or '-'}",
+        f"channels   {s['n_channels']} on {s['n_shanks']} shank(s)   x {s['x_um'][0]:.0f}–{s['x_um'][1]:.0f} µm, "
+        f"y {s['y_um'][0]:.0f}–{s['y_um'][1]:.0f} µm",
+        f"rate       {s['sampling_rate']:.6g} Hz   duration {_duration(s['duration_s'])} ({s['n_samples']} samples)",
+        f"data       {s['dtype']}, {_size(s['size_bytes'])}, {scale}, chunks of {s['chunk_seconds']:.3g} s",
+    ]
+    return "\n".join(lines)
