@@ -1,0 +1,116 @@
+"""The ``spikearray`` command: ``info``, ``demo`` and the commands later stages add.
+
+Errors on bad input print as one clear line (no traceback unless ``--debug``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from .errors import SpikearrayError
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .io import format_summary, open_recording, summary
+
+    kw = {}
+    for k in ("n_channels", "sampling_rate", "dtype", "gain_to_uV", "probe"):
+        v = getattr(args, k)
+        if v is not None:
+            kw[k] = v
+    rec = open_recording(args.path, **kw)
+    if args.json:
+        print(json.dumps(summary(rec), indent=1))
+    else:
+        print(format_summary(rec))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .io import format_summary
+    from .synthetic import generate_recording
+
+    rec, truth = generate_recording(duration=args.duration, n_channels=args.channels, n_units=args.units,
+                                    seed=args.seed)
+    print("Built-in synthetic recording (ground truth known):")
+    print(format_summary(rec))
+    print(f"planted    {truth.sizes['unit']} units, {truth.sizes['spike']} spikes")
+    return 0
+
+
+def _add_recording_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="SpikeGLX .ap.bin (or .meta), or a raw .bin/.dat with --n-channels etc.")
+    p.add_argument("--probe", help="probe file (probeinterface .json, Kilosort .json/.mat, .prb)")
+    p.add_argument("--n-channels", type=int, help="columns in a raw binary (sync included)")
+    p.add_argument("--sampling-rate", type=float, help="Hz, raw binaries")
+    p.add_argument("--dtype", help="int16 (default), uint16, int32, float32; raw binaries")
+    p.add_argument("--gain-to-uV", dest="gain_to_uV", type=float, help="µV per integer step, raw binaries")
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register a sub-command (used by the modules that own each command)."""
+
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (help, configure, fn)
+        return fn
+
+    return deco
+
+
+def _configure_info(p: argparse.ArgumentParser) -> None:
+    _add_recording_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="output folder (default: a new temporary folder)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of synthetic data (default 60)")
+    p.add_argument("--channels", type=int, default=64, help="probe channels (default 64)")
+    p.add_argument("--units", type=int, default=20, help="planted units (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+command("info", "summarise a recording (probe, channels, rate, duration, size, µV scale)", _configure_info)(_cmd_info)
+command("demo", "generate the built-in synthetic recording and run the main job on it", _configure_demo)(_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered sub-command."""
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="spikearray", description="Spike sorting as lazy, labelled xarray stages.")
+    parser.add_argument("--version", action="version", version=f"spikearray {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, configure, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        configure(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spikearray`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SpikearrayError as e:
+        if args.debug:
+            raise
+        print(f"spikearray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
