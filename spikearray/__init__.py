@@ -8,7 +8,9 @@ from . import accessor as _accessor  # noqa: F401  (registers rec.sa)
 from ._version import __version__
 from .errors import SpikearrayError
 from .io import ProbeLayout, format_summary, open_recording, read_probe, summary
+from .preprocessing import common_reference, detect_bad_channels, highpass, preprocess, whiten, whitening_matrix
 from .settings import Settings
 
 __all__ = ["__version__", "SpikearrayError", "Settings", "open_recording", "read_probe", "ProbeLayout",
-           "summary", "format_summary"]
+           "summary", "format_summary", "highpass", "common_reference", "whitening_matrix", "whiten", "preprocess",
+           "detect_bad_channels"]
