@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import xarray as xr
 
-from .errors import DataError, RecordingError
+from .errors import DataError, OutputExistsError, RecordingError
 from .settings import Settings
 
 __all__ = ["sort"]
@@ -102,17 +102,17 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
     """
     from .clustering import cluster_spikes
     from .detection import detect, learn_bases
-    from .drift import correct, estimate
     from .matching import match
     from .metrics.sorting import build_sorting, empty_sorting
     from .preprocessing import preprocess
 
     s = Settings.coerce(settings)
     _check_settings_against(recording, s)
-    if output is not None:
-        from .export.zarr_store import check_output_free
-
-        check_output_free(Path(output), overwrite=overwrite)
+    if output is not None and not overwrite and (Path(output) / "sorting.zarr").exists():
+        raise OutputExistsError(
+            f"{Path(output) / 'sorting.zarr'} already exists; pass overwrite=True (--overwrite) to replace it, "
+            "or choose another output folder."
+        )
     rec, offset = _time_range(recording, s)
     rec = rec.chunk({"time": max(1, int(round(s.chunk_seconds * rec.attrs["sampling_rate"])))})
     timer = _Timer(progress)
@@ -121,6 +121,8 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
     drift = None
     with timer.stage("drift"):
         if s.nblocks > 0:
+            from .drift import correct, estimate
+
             drift = estimate(white, s)
             corrected = correct(white, drift)
         else:

@@ -19,11 +19,13 @@ __all__ = ["build_sorting", "empty_sorting"]
 
 
 def _displacement(drift: xr.Dataset | None) -> xr.DataArray:
+    """The drift estimate as stored in a sorting: block centres as ``block_depth`` (``depth`` is per unit)."""
     if drift is not None and "displacement" in drift:
         d = drift["displacement"].astype(np.float32)
-        return d.drop_vars([c for c in d.coords if c not in ("time", "depth")])
+        d = d.drop_vars([c for c in d.coords if c not in ("time", "depth")])
+        return d.rename({"depth": "block_depth"}) if "depth" in d.coords else d
     return xr.DataArray(np.zeros((1, 1), np.float32), dims=("time", "block"),
-                        coords={"time": [0.0], "depth": ("block", [0.0])})
+                        coords={"time": [0.0], "block_depth": ("block", [0.0])})
 
 
 def _channel_coords(white: xr.DataArray) -> dict[str, Any]:
