@@ -1,0 +1,5 @@
+"""Outputs: the sorting as a Zarr store and as a Phy folder (both ways)."""
+
+from .zarr_store import open_sorting, write_dataset_atomic, write_sorting
+
+__all__ = ["open_sorting", "write_sorting", "write_dataset_atomic"]
