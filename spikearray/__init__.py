@@ -7,8 +7,11 @@ with :func:`sort`. Every stage is also a public function on ``DataArray``/``Data
 from . import accessor as _accessor  # noqa: F401  (registers rec.sa)
 from ._version import __version__
 from .errors import SpikearrayError
+from .export import export_phy, open_sorting, read_phy, write_sorting
 from .io import ProbeLayout, format_summary, open_recording, read_probe, summary
+from .io.spikeinterface import from_spikeinterface, to_spikeinterface
 from .settings import Settings
 
 __all__ = ["__version__", "SpikearrayError", "Settings", "open_recording", "read_probe", "ProbeLayout",
-           "summary", "format_summary"]
+           "summary", "format_summary", "open_sorting", "write_sorting", "export_phy", "read_phy",
+           "from_spikeinterface", "to_spikeinterface"]
