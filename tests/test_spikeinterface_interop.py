@@ -71,7 +71,7 @@ def test_int16_with_gains_stays_integer_and_pickles(tmp_path):
     r.set_channel_offsets(0.0)
     probe = generate_multi_shank(num_shank=2, num_columns=1, num_contact_per_column=4)
     probe.set_device_channel_indices(np.arange(C))
-    r.set_probe(probe, in_place=True)
+    r.set_probe(probe)  # in place in SpikeInterface >= 0.105
     rec = from_spikeinterface(r, chunk_seconds=0.5)
     assert rec.dtype == np.int16 and rec.attrs["units"] == "counts"
     np.testing.assert_allclose(rec["gain_to_uV"].values, gains)
