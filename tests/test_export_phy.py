@@ -241,3 +241,32 @@ def test_inconsistent_inputs_raise(exported, tmp_path):
         export_phy(ds.assign(spike_unit=ds["spike_unit"] + 100), rec, tmp_path / "b")
     with pytest.raises(OutputError, match="params.py"):
         read_phy(tmp_path)
+
+
+def test_cli_export_phy_and_info(exported, tmp_path, capsys):
+    from spikearray.cli import main
+    from spikearray.export import write_sorting
+
+    ds, rec, _ = exported
+    out = tmp_path / "run"
+    write_sorting(ds, out)
+    assert main(["export-phy", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Phy folder" in text and "not found" not in text
+    m = _model(out / "phy")
+    np.testing.assert_array_equal(m.spike_samples, ds["spike_time"].values)
+    assert m.traces is not None  # params.py found the raw file from the sorting's source attr
+    assert main(["export-phy", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert main(["export-phy", str(out), "--overwrite", "--recording", ds.attrs["source"]]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"units       {ds.sizes['unit']}" in text and "good" in text
+    assert main(["export-phy", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no sorting" in err[0]
+    with pytest.raises(SystemExit) as e:
+        main(["export-phy", "--help"])
+    assert e.value.code == 0 and "--recording" in capsys.readouterr().out
