@@ -7,6 +7,8 @@ on a ``dask.distributed`` client.
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -100,12 +102,6 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
     >>> sorting.sizes["unit"]  # doctest: +SKIP
     5
     """
-    from .clustering import cluster_spikes
-    from .detection import detect, learn_bases
-    from .matching import match
-    from .metrics.sorting import build_sorting, empty_sorting
-    from .preprocessing import preprocess
-
     s = Settings.coerce(settings)
     _check_settings_against(recording, s)
     if output is not None and not overwrite and (Path(output) / "sorting.zarr").exists():
@@ -116,8 +112,30 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
     rec, offset = _time_range(recording, s)
     rec = rec.chunk({"time": max(1, int(round(s.chunk_seconds * rec.attrs["sampling_rate"])))})
     timer = _Timer(progress)
+    with tempfile.TemporaryDirectory(prefix="spikearray-") as tmp:
+        sorting = _run(rec, s, timer, Path(tmp), progress=progress, client=client)
+    if offset:
+        sorting["spike_time"] = sorting["spike_time"] + offset
+    sorting.attrs["time_offset_samples"] = int(offset)
+    sorting.attrs["timings"] = json.dumps({k: round(v, 3) for k, v in timer.timings.items()})
+    if output is not None:
+        _write_outputs(sorting, recording, Path(output), overwrite=overwrite, report=report, progress=progress)
+    return sorting
+
+
+def _run(rec: xr.DataArray, s: Settings, timer: _Timer, workdir: Path, *,
+         progress: bool, client: Any) -> xr.Dataset:
+    """The stages, in order; ``workdir`` holds the preprocessed copy for the duration of the run."""
+    from ._cache import materialize
+    from .clustering import cluster_spikes, full_templates
+    from .detection import detect, learn_bases
+    from .matching import match
+    from .metrics.sorting import build_sorting, empty_sorting
+    from .preprocessing import preprocess
+
     with timer.stage("preprocess"):
         white, whitening = preprocess(rec, s)
+        white = materialize(white, workdir / "preprocessed.int16", client=client, progress=progress)
     drift = None
     with timer.stage("drift"):
         if s.nblocks > 0:
@@ -132,28 +150,21 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
         with timer.stage("bases"):
             bases = learn_bases(corrected, s)
     except DataError as e:
-        warnings.warn(f"no spikes found: {e} Returning an empty sorting.", stacklevel=2)
+        warnings.warn(f"no spikes found: {e} Returning an empty sorting.", stacklevel=3)
         sorting = empty_sorting(rec, white, whitening, drift, s, timer.timings, s.nt, P, nC)
     else:
         with timer.stage("detect"):
             spikes = detect(corrected, bases, s, progress=progress, client=client)
         with timer.stage("cluster"):
             clusters = cluster_spikes(spikes, bases, corrected, s)
+            templates = full_templates(corrected, spikes, clusters, s, client=client)
         with timer.stage("match"):
-            matched = match(corrected, clusters["template"].values, bases, s, progress=progress, client=client)
+            matched = match(corrected, templates, bases, s, progress=progress, client=client)
         with timer.stage("merge+metrics"):
             sorting = build_sorting(matched, recording=rec, white=corrected, whitening=whitening, drift=drift,
                                     settings=s, timings=timer.timings)
         if sorting.sizes["unit"] == 0:
-            warnings.warn("the sorting found no units; check the recording and thresholds.", stacklevel=2)
-    if offset:
-        sorting["spike_time"] = sorting["spike_time"] + offset
-    sorting.attrs["time_offset_samples"] = int(offset)
-    import json
-
-    sorting.attrs["timings"] = json.dumps({k: round(v, 3) for k, v in timer.timings.items()})
-    if output is not None:
-        _write_outputs(sorting, recording, Path(output), overwrite=overwrite, report=report, progress=progress)
+            warnings.warn("the sorting found no units; check the recording and thresholds.", stacklevel=3)
     return sorting
 
 

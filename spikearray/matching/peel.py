@@ -122,7 +122,7 @@ def _empty(ctx: dict) -> dict[str, Any]:
 
 
 def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, settings: Settings | None = None, *,
-          rank: int = 3, progress: bool = False, client: Any = None) -> xr.Dataset:
+          rank: int | None = None, progress: bool = False, client: Any = None) -> xr.Dataset:
     """Find every spike of every template by matching pursuit.
 
     Parameters
@@ -135,8 +135,10 @@ def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, setting
         Temporal PCs (``pc``) for the spike features.
     settings : Settings
         Uses ``Th_learned``, ``max_peels``, ``nt``, ``nt0min``, ``nearest_chans``, ``device``, ``torch_threads``.
-    rank : int
-        Rank of the spatio-temporal template approximation.
+    rank : int, optional
+        Rank of the spatio-temporal template approximation (default ``n_pcs``: exact for templates built
+        from PC features, whose temporal rank is at most ``n_pcs``; a lower rank leaves part of every fitted
+        spike in the residual, where other templates then "find" it).
 
     Returns
     -------
@@ -152,6 +154,7 @@ def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, setting
     pos = positions(white)
     shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(C, int)
     nC = min(s.nearest_chans, C)
+    rank = rank or s.n_pcs
     spatial, temporal = low_rank(templates, rank)
     Ur = np.einsum("krc,krt->kct", spatial, temporal).astype(np.float32)
     nm = (Ur.astype(np.float64) ** 2).sum((1, 2))
