@@ -7,6 +7,7 @@ by kriging interpolation; ``rms_error`` scores an estimate against a known displ
 
 from .estimation import estimate
 from .evaluate import displacement_at, rms_error
+from .correction import correct
 from .peaks import detect_peaks
 
-__all__ = ["estimate", "detect_peaks", "rms_error", "displacement_at"]
+__all__ = ["estimate", "correct", "detect_peaks", "rms_error", "displacement_at"]
