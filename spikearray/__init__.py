@@ -7,8 +7,14 @@ with :func:`sort`. Every stage is also a public function on ``DataArray``/``Data
 from . import accessor as _accessor  # noqa: F401  (registers rec.sa)
 from ._version import __version__
 from .errors import SpikearrayError
+from .export import export_phy, open_sorting, read_phy, write_sorting
 from .io import ProbeLayout, format_summary, open_recording, read_probe, summary
+from .io.spikeinterface import from_spikeinterface, to_spikeinterface
+from .pipeline import sort
+from .preprocessing import common_reference, detect_bad_channels, highpass, preprocess, whiten, whitening_matrix
 from .settings import Settings
 
 __all__ = ["__version__", "SpikearrayError", "Settings", "open_recording", "read_probe", "ProbeLayout",
-           "summary", "format_summary"]
+           "summary", "format_summary", "highpass", "common_reference", "whitening_matrix", "whiten", "preprocess",
+           "detect_bad_channels", "sort", "open_sorting", "write_sorting", "export_phy", "read_phy",
+           "from_spikeinterface", "to_spikeinterface"]

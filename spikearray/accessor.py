@@ -50,3 +50,36 @@ class RecordingAccessor:
         out.attrs["units"] = "uV"
         out.name = obj.name
         return out
+
+    # preprocessing stages (spikearray.preprocessing)
+
+    def highpass(self, cutoff: float = 300.0, **kwargs) -> xr.DataArray:
+        """Zero-phase Butterworth high-pass (see :func:`spikearray.preprocessing.highpass`)."""
+        from .preprocessing import highpass
+
+        return highpass(self._obj, cutoff, **kwargs)
+
+    def common_reference(self, **kwargs) -> xr.DataArray:
+        """Subtract the median across channels (see :func:`spikearray.preprocessing.common_reference`)."""
+        from .preprocessing import common_reference
+
+        return common_reference(self._obj, **kwargs)
+
+    def whiten(self, **kwargs) -> xr.DataArray:
+        """Local ZCA whitening (see :func:`spikearray.preprocessing.whiten`)."""
+        from .preprocessing import whiten
+
+        return whiten(self._obj, **kwargs)
+
+    def preprocess(self, settings=None, **kwargs) -> tuple[xr.DataArray, xr.DataArray]:
+        """High-pass, reference and whiten: ``(traces, whitening_matrix)`` (see
+        :func:`spikearray.preprocessing.preprocess`)."""
+        from .preprocessing import preprocess
+
+        return preprocess(self._obj, settings, **kwargs)
+
+    def plot_traces(self, start: float, stop: float, channels=None, ax=None, **kwargs):
+        """Traces between ``start`` and ``stop`` s offset by depth, with a µV scale bar; returns the Figure."""
+        from .plotting.traces import plot_traces
+
+        return plot_traces(self._obj, start, stop, channels=channels, ax=ax, **kwargs)

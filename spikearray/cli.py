@@ -16,7 +16,15 @@ __all__ = ["main", "build_parser"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .export.summary import format_sorting_summary, is_sorting_path, sorting_summary
     from .io import format_summary, open_recording, summary
+
+    if is_sorting_path(args.path):  # a sorting output folder (or its sorting.zarr)
+        from .export import open_sorting
+
+        ds = open_sorting(args.path)
+        print(json.dumps(sorting_summary(ds), indent=1) if args.json else format_sorting_summary(ds, args.path))
+        return 0
 
     kw = {}
     for k in ("n_channels", "sampling_rate", "dtype", "gain_to_uV", "probe"):
@@ -41,6 +49,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(format_summary(rec))
     print(f"planted    {truth.sizes['unit']} units, {truth.sizes['spike']} spikes")
     return 0
+
+
+def _cmd_export_phy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import export_phy, open_sorting
+
+    sorting = open_sorting(args.dir)
+    base = Path(args.dir)
+    out = Path(args.out) if args.out else (base.parent if base.suffix == ".zarr" else base) / "phy"
+    recording = None
+    if args.recording:
+        from .io import open_recording
+
+        recording = open_recording(args.recording)
+    folder = export_phy(sorting, recording, out, overwrite=args.overwrite)
+    params = (folder / "params.py").read_text()
+    print(f"Phy folder  {folder}")
+    print(f"units       {sorting.sizes['unit']}, spikes {sorting.sizes['spike']}")
+    if "no_path.bin" in params:
+        print(f"raw data    not found ({sorting.attrs.get('source', '')!r}); Phy shows no traces. Pass --recording "
+              "PATH to point params.py at the binary.")
+    print(f"open with   phy template-gui {folder / 'params.py'}")
+    return 0
+
+
+def _configure_export_phy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="sorting output folder (holding sorting.zarr) or the sorting.zarr store")
+    p.add_argument("--recording", help="the sorted recording (.ap.bin); default: the sorting's 'source' attr")
+    p.add_argument("--out", help="Phy folder to write (default: DIR/phy)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Phy folder (loses Phy curation)")
 
 
 def _add_recording_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +117,10 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-command("info", "summarise a recording (probe, channels, rate, duration, size, µV scale)", _configure_info)(_cmd_info)
+command("info", "summarise a recording (probe, channels, rate, duration, size, µV scale) or a saved sorting folder",
+        _configure_info)(_cmd_info)
+command("export-phy", "write the Phy / Kilosort folder of a saved sorting (DIR/phy)",
+        _configure_export_phy)(_cmd_export_phy)
 command("demo", "generate the built-in synthetic recording and run the main job on it", _configure_demo)(_cmd_demo)
 
 

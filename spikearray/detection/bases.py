@@ -1,0 +1,139 @@
+"""Learning the single-channel waveform bases (temporal PCs and prototype shapes) from the data.
+
+Kilosort4 (``templates_from_data=True``) collects isolated single-channel peaks above ``Th_single_ch`` on
+every 25th batch, normalises the snippets to unit norm, and keeps their top ``n_pcs`` right singular vectors
+(``wPCA``) and ``n_templates`` k-means centroids (``wTEMP``). We do the same on a deterministic sample of
+chunks, vectorised in torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from .._compute import resolve_device
+from ..errors import DataError
+from ..settings import Settings
+
+__all__ = ["learn_bases", "isolated_peaks", "sample_chunks"]
+
+
+def sample_chunks(n_chunks: int, n_wanted: int) -> np.ndarray:
+    """Evenly spaced chunk indices (deterministic), at most ``n_wanted``."""
+    if n_chunks <= n_wanted:
+        return np.arange(n_chunks)
+    return np.unique(np.round(np.linspace(0, n_chunks - 1, n_wanted)).astype(int))
+
+
+def isolated_peaks(x: torch.Tensor, threshold: float, nt: int, nt0min: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-channel peaks of ``|x|`` that dominate ±4 channels × ±5 samples and are alone in ±6 ch × ±30 samples.
+
+    Parameters
+    ----------
+    x : tensor (C, T)
+        Whitened data.
+
+    Returns
+    -------
+    channels, times : tensors of int64
+    """
+    a = x.abs()
+    # separable max / box pooling: channels first, then time (same result as the 2-D window, far cheaper)
+    local = F.max_pool1d(a.T[None], 9, stride=1, padding=4)[0].T
+    local = F.max_pool1d(local[None], 11, stride=1, padding=5)[0]
+    is_peak = ((a == local) & (a > threshold)).float()
+    wide = F.avg_pool1d(is_peak.T[None], 13, stride=1, padding=6, count_include_pad=True)[0].T * 13
+    wide = F.avg_pool1d(wide[None], 61, stride=1, padding=30, count_include_pad=True)[0] * 61
+    keep = (is_peak > 0) & (wide < 1.5)
+    keep[:, :nt] = False
+    keep[:, -nt:] = False
+    c, t = torch.nonzero(keep, as_tuple=True)
+    return c, t
+
+
+def learn_bases(white: xr.DataArray, settings: Settings | None = None, *, max_snippets: int = 50_000,
+                n_chunks: int = 12) -> xr.Dataset:
+    """Learn temporal PCs and prototype waveforms from isolated peaks of the whitened recording.
+
+    Parameters
+    ----------
+    white : xarray.DataArray (time, channel)
+        Preprocessed (whitened) recording.
+    settings : Settings
+        Uses ``nt``, ``nt0min``, ``n_pcs``, ``n_templates``, ``Th_single_ch``, ``seed``, ``device``.
+    max_snippets : int
+        Cap on snippets used.
+    n_chunks : int
+        Number of chunks sampled (evenly spaced).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``pc`` (pc, sample): orthonormal temporal PCs, the first with its trough at ``nt0min``;
+        ``shape`` (shape, sample): unit-norm prototype waveforms; attr ``n_snippets``.
+
+    Raises
+    ------
+    DataError
+        When no isolated peak exists (e.g. a flat recording) — the message suggests lowering ``Th_single_ch``.
+    """
+    s = Settings.coerce(settings)
+    nt, nt0 = s.nt, s.nt0min_
+    dev = resolve_device(s.device)
+    data = white.data
+    idx = sample_chunks(len(data.chunks[0]), n_chunks)
+    snips = []
+    for i in idx:
+        blk = np.asarray(data.blocks[int(i)].compute(scheduler="threads"), dtype=np.float32)
+        x = torch.from_numpy(blk.T.copy()).to(dev)
+        c, t = isolated_peaks(x, s.Th_single_ch, nt, nt0)
+        if len(t) == 0:
+            continue
+        win = t[:, None] - nt0 + torch.arange(nt, device=dev)[None, :]
+        snips.append(x[c[:, None], win].cpu())
+        if sum(len(q) for q in snips) >= max_snippets:
+            break
+    if not snips:
+        raise DataError(
+            f"no isolated spikes above Th_single_ch={s.Th_single_ch} in {len(idx)} sampled chunks, so waveform "
+            "shapes cannot be learned. The recording may be flat or very short; lower Th_single_ch or check the data."
+        )
+    S = torch.cat(snips)[:max_snippets].double()
+    S = S / S.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    _, _, vh = torch.linalg.svd(S, full_matrices=False)
+    n_pcs = min(s.n_pcs, nt, len(S))
+    pcs = vh[:n_pcs].clone()
+    for k in range(n_pcs):  # fix the arbitrary SVD sign: largest |value| negative (a trough)
+        j = torch.argmax(pcs[k].abs())
+        if pcs[k, j] > 0:
+            pcs[k] = -pcs[k]
+    shapes = _kmeans_shapes(S, s.n_templates, s.seed)
+    ds = xr.Dataset(
+        {"pc": (("pc", "sample"), pcs.float().numpy()), "shape": (("shape", "sample"), shapes.float().numpy())},
+        attrs={"n_snippets": int(len(S)), "nt0min": nt0},
+    )
+    return ds
+
+
+def _kmeans_shapes(S: torch.Tensor, k: int, seed: int, iters: int = 30) -> torch.Tensor:
+    """Unit-norm k-means centroids of unit-norm snippets (cosine k-means, deterministic init)."""
+    g = torch.Generator().manual_seed(int(seed))
+    S = S.float()
+    k = min(k, len(S))
+    # k-means++ style seeding on signed snippets (a negative and a positive spike are different shapes).
+    centres = [S[torch.randint(len(S), (1,), generator=g)].squeeze(0)]
+    for _ in range(1, k):
+        d = 1 - torch.stack([S @ c for c in centres], 1).max(1).values
+        p = d.clamp_min(0) ** 2
+        p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / len(p))
+        centres.append(S[torch.multinomial(p, 1, generator=g)].squeeze(0))
+    C = torch.stack(centres)
+    for _ in range(iters):
+        lab = (S @ C.T).argmax(1)
+        newC = torch.zeros_like(C).index_add_(0, lab, S)
+        empty = newC.norm(dim=1) == 0
+        newC[empty] = C[empty]
+        C = newC / newC.norm(dim=1, keepdim=True)
+    return C
