@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -27,16 +26,8 @@ from spikearray.drift import estimate, rms_error
 
 
 def preprocess(rec):
-    """The real stage when it is merged; until then the tests' stand-in (same contract)."""
-    try:
-        from spikearray.preprocessing import preprocess as real
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from _prep import prep
-
-        return prep(rec), "tests/_prep.py stand-in (Butterworth + median CAR + global ZCA)"
-    white, _ = real(rec, sa.Settings())
-    return white, "spikearray.preprocessing.preprocess"
+    white, _ = sa.preprocess(rec, sa.Settings())
+    return white, "spikearray.preprocess"
 
 
 def main(argv=None) -> int:

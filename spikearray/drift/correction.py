@@ -61,7 +61,8 @@ class _Mover:
         self.cx = np.asarray(rec["x"].values, np.float64)
         self.cy = np.asarray(rec["y"].values, np.float64)
         self.shank = np.asarray(rec["shank"].values) if "shank" in rec.coords else np.zeros(len(self.cx), int)
-        blk_shank = np.asarray(drift["shank"].values) if "shank" in drift.coords else np.zeros(self.disp.shape[1], int)
+        blk_shank = (np.asarray(drift["block_shank"].values) if "block_shank" in drift.coords
+                     else np.zeros(self.disp.shape[1], int))
         centres = np.asarray(drift["depth"].values, np.float64)
         # (C, B): each channel's displacement from its own shank's blocks (a shank without blocks stays put).
         self.chan_w = np.zeros((len(self.cx), self.disp.shape[1]))
@@ -116,7 +117,7 @@ def correct(rec: xr.DataArray, drift: xr.Dataset, *, sig_interp: float | None = 
         The preprocessed (whitened) recording the drift was estimated on.
     drift : xarray.Dataset
         Output of :func:`spikearray.drift.estimate` (``displacement`` (time, block) µm, coords ``time``,
-        ``depth``, ``shank``).
+        ``depth``, ``block_shank``).
     sig_interp : float, optional
         Kriging kernel width, µm (default: the ``sig_interp`` of the settings stored in ``drift``, else 20).
     segment_ms : float

@@ -47,7 +47,7 @@ def estimate(rec: xr.DataArray, settings: Settings | dict | None = None) -> xr.D
     no estimate (zeros, one block, and no spike detection).
 
     Probes with several shanks: each shank is estimated on its own spikes (a shank's blocks carry its
-    ``shank`` coordinate); :func:`spikearray.drift.correct` moves each shank's channels by its own blocks.
+    ``block_shank`` coordinate); :func:`spikearray.drift.correct` moves each shank's channels by its own blocks.
 
     Parameters
     ----------
@@ -64,7 +64,7 @@ def estimate(rec: xr.DataArray, settings: Settings | dict | None = None) -> xr.D
     xarray.Dataset
         ``displacement`` (time, block) float32 µm: positive when units move towards larger ``y``; zero-mean
         over time per block (the reference is the mean position). Coords ``time`` (s, batch centres,
-        including the recording's ``time_start``), ``depth`` (block; µm, block centres) and ``shank`` (block).
+        including the recording's ``time_start``), ``depth`` (block; µm, block centres), ``block_shank``.
         The detected spikes, dim ``spike``: ``spike_time`` (samples), ``spike_channel`` (positional),
         ``spike_shank``, ``spike_depth`` and ``spike_x`` (µm, where seen, uncorrected), ``spike_amplitude``
         (whitened units). Attrs: ``nblocks``, ``batch_size``, ``binning_depth``, ``drift_threshold``,
@@ -103,7 +103,7 @@ def estimate(rec: xr.DataArray, settings: Settings | dict | None = None) -> xr.D
     if s.nblocks == 0:
         disp = np.zeros((T, 1), np.float32)
         ds = xr.Dataset({"displacement": (("time", "block"), disp), **_empty_spikes()},
-                        coords={**coords_t, "depth": ("block", [float(np.mean(cy))]), "shank": ("block", [int(shanks[0])])},
+                        coords={**coords_t, "depth": ("block", [float(np.mean(cy))]), "block_shank": ("block", [int(shanks[0])])},
                         attrs={**attrs, "drift_correction": "off"})
         return _annotate(ds)
 
@@ -124,7 +124,7 @@ def estimate(rec: xr.DataArray, settings: Settings | dict | None = None) -> xr.D
     disp = np.concatenate(blocks, axis=1).astype(np.float32)
     ds = xr.Dataset({"displacement": (("time", "block"), disp), **{k: spikes[k] for k in spikes.data_vars}},
                     coords={**coords_t, "depth": ("block", np.concatenate(depths)),
-                            "shank": ("block", np.concatenate(shank_of).astype(np.int64))},
+                            "block_shank": ("block", np.concatenate(shank_of).astype(np.int64))},
                     attrs={**attrs, "drift_correction": "rigid" if s.nblocks == 1 else "nonrigid"})
     return _annotate(ds)
 

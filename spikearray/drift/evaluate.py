@@ -22,8 +22,8 @@ def displacement_at(drift: xr.Dataset, times_s: np.ndarray, depths_um: np.ndarra
     """
     disp = np.asarray(drift["displacement"].values, dtype=np.float64)
     centres = np.asarray(drift["depth"].values, dtype=np.float64)
-    if shank is not None and "shank" in drift.coords:
-        keep = np.asarray(drift["shank"].values) == shank
+    if shank is not None and "block_shank" in drift.coords:
+        keep = np.asarray(drift["block_shank"].values) == shank
         disp, centres = disp[:, keep], centres[keep]
     k0, k1, f = time_weights(np.asarray(times_s, float), np.asarray(drift["time"].values, float))
     pt = (1.0 - f)[:, None] * disp[k0] + f[:, None] * disp[k1]  # (n_t, n_blocks)
