@@ -5,6 +5,7 @@ with :func:`sort`. Every stage is also a public function on ``DataArray``/``Data
 """
 
 from . import accessor as _accessor  # noqa: F401  (registers rec.sa)
+from . import drift, plotting
 from ._version import __version__
 from .errors import SpikearrayError
 from .export import export_phy, open_sorting, read_phy, write_sorting
@@ -17,4 +18,4 @@ from .settings import Settings
 __all__ = ["__version__", "SpikearrayError", "Settings", "open_recording", "read_probe", "ProbeLayout",
            "summary", "format_summary", "highpass", "common_reference", "whitening_matrix", "whiten", "preprocess",
            "detect_bad_channels", "sort", "open_sorting", "write_sorting", "export_phy", "read_phy",
-           "from_spikeinterface", "to_spikeinterface"]
+           "from_spikeinterface", "to_spikeinterface", "drift", "plotting"]

@@ -78,6 +78,21 @@ class RecordingAccessor:
 
         return preprocess(self._obj, settings, **kwargs)
 
+    # drift (spikearray.drift)
+
+    def estimate_drift(self, settings=None) -> xr.Dataset:
+        """Displacement per batch and depth block of this preprocessed recording (see
+        :func:`spikearray.drift.estimate`)."""
+        from .drift import estimate
+
+        return estimate(self._obj, settings)
+
+    def correct_drift(self, drift: xr.Dataset, **kwargs) -> xr.DataArray:
+        """This preprocessed recording moved back by ``drift``, lazily (see :func:`spikearray.drift.correct`)."""
+        from .drift import correct
+
+        return correct(self._obj, drift, **kwargs)
+
     def plot_traces(self, start: float, stop: float, channels=None, ax=None, **kwargs):
         """Traces between ``start`` and ``stop`` s offset by depth, with a µV scale bar; returns the Figure."""
         from .plotting.traces import plot_traces

@@ -85,6 +85,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("sig_interp", 20.0, _NUM, "drift", "µm", "Gaussian kernel width of the drift interpolation", 0.1),
     Param("drift_smoothing", (0.5, 0.5, 0.5), (list, tuple), "drift", "(shift, batch, block)",
           "Gaussian sigma applied to the block-correlation array"),
+    Param("drift_threshold", 5.0, _NUM, "drift", "whitened SD",
+          "threshold on negative peaks of the whitened data for the spikes that drift estimation uses", 0),
     # --- detection ---
     Param("Th_universal", 9.0, _NUM, "detection", "whitened SD", "detection threshold for universal templates", 0),
     Param("Th_learned", 8.0, _NUM, "matching", "whitened SD", "detection threshold for learned templates", 0),

@@ -1,0 +1,231 @@
+"""Drift estimation and correction on seeded synthetic recordings with known drift."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import matplotlib
+import numpy as np
+import pytest
+import xarray as xr
+
+import spikearray as sa
+from spikearray.drift import correct, detect_peaks, estimate, rms_error
+from spikearray.synthetic import generate_recording
+
+matplotlib.use("Agg")
+
+KW = dict(duration=30.0, n_channels=64, n_units=25, drift_um=30.0, drift_period=30.0, seed=5)
+
+
+def _white(kind):
+    rec, truth = generate_recording(drift=kind, **KW)
+    white, _ = sa.preprocess(rec)
+    return white.copy(data=white.data.persist()), truth
+
+
+@pytest.fixture(scope="module")
+def static():
+    return _white(None)
+
+
+@pytest.fixture(scope="module")
+def rigid():
+    return _white("rigid")
+
+
+@pytest.fixture(scope="module")
+def nonrigid():
+    return _white("nonrigid")
+
+
+@pytest.fixture(scope="module")
+def rigid_drift(rigid):
+    return estimate(rigid[0], {"nblocks": 1})
+
+
+def _err(drift, truth):
+    return rms_error(drift, truth["unit_displacement"].values, times_s=truth["drift_time"].values,
+                     unit_depths_um=truth["unit_y"].values)
+
+
+def _raw_err(truth):
+    d = truth["unit_displacement"].values
+    return float(np.sqrt(np.mean((d - d.mean()) ** 2)))
+
+
+def test_rigid_zigzag_within_1um(rigid, rigid_drift):
+    white, truth = rigid
+    assert _raw_err(truth) > 5.0  # the problem is not trivial
+    # No sign flip allowed: positive displacement = units move towards larger y.
+    assert _err(rigid_drift, truth) <= 1.0
+    d = rigid_drift["displacement"]
+    assert d.dims == ("time", "block") and d.sizes["block"] == 1 and d.dtype == np.float32
+    assert d.attrs["units"] == "um"
+    np.testing.assert_allclose(rigid_drift["time"].values, np.arange(1.0, 30.0, 2.0))
+    assert rigid_drift.sizes["spike"] > 1000
+
+
+def test_nonrigid_within_2um(nonrigid):
+    white, truth = nonrigid
+    drift = estimate(white, {"nblocks": 5})
+    assert drift.sizes["block"] == 9
+    assert np.all(np.diff(drift["depth"].values) > 0)
+    assert _err(drift, truth) <= 2.0 < _raw_err(truth)
+
+
+def test_static_recording_gives_no_drift(static):
+    white, truth = static
+    drift = estimate(white, {"nblocks": 1})
+    d = drift["displacement"].values
+    assert np.sqrt(np.mean((d - d.mean()) ** 2)) <= 0.5
+    assert _err(drift, truth) <= 0.5
+
+
+def test_estimate_is_deterministic(static):
+    white, _ = static
+    a = estimate(white.isel(time=slice(0, 300_000)), {"nblocks": 2})
+    w = white.isel(time=slice(0, 300_000))
+    b = estimate(w.copy(data=w.data.rechunk((70_000, -1))), {"nblocks": 2})
+    np.testing.assert_array_equal(a["displacement"].values, b["displacement"].values)
+    np.testing.assert_array_equal(a["spike_time"].values, b["spike_time"].values)
+
+
+def _unit_spread(peaks, truth, drift_truth=None):
+    """Median over units (≥ 40 matched spikes) of the SD of each unit's detected depths."""
+    st, su = truth["spike_time"].values, truth["spike_unit"].values
+    uy = truth["unit_y"].values
+    pt, pd = peaks["spike_time"].values, peaks["spike_depth"].values
+    j = np.searchsorted(pt, st)
+    depths: dict[int, list] = {}
+    for k in range(len(st)):
+        lo, hi = max(0, j[k] - 8), min(len(pt), j[k] + 8)
+        cand = [m for m in range(lo, hi) if abs(pt[m] - st[k]) <= 5 and abs(pd[m] - uy[su[k]]) < 50]
+        if cand:
+            depths.setdefault(int(su[k]), []).append(pd[min(cand, key=lambda m: abs(pd[m] - uy[su[k]]))])
+    return {u: float(np.std(v)) for u, v in depths.items() if len(v) >= 40}
+
+
+def test_correction_brings_unit_spread_back_to_static(static, rigid, rigid_drift):
+    s_static = _unit_spread(detect_peaks(static[0]), static[1])
+    s_drift = _unit_spread(detect_peaks(rigid[0]), rigid[1])
+    s_corr = _unit_spread(detect_peaks(correct(rigid[0], rigid_drift)), rigid[1])
+    units = sorted(set(s_static) & set(s_drift) & set(s_corr))
+    assert len(units) >= 10
+    med = {name: float(np.median([s[u] for u in units])) for name, s in
+           [("static", s_static), ("drift", s_drift), ("corrected", s_corr)]}
+    assert med["drift"] > 2.5 * med["static"]  # drift really blurs the units
+    assert med["corrected"] <= 1.5 * med["static"], med
+
+
+def test_correct_is_lazy_and_chunk_invariant(rigid, rigid_drift):
+    white = rigid[0].isel(time=slice(0, 150_000))
+    calls = []
+
+    class Count(dask.callbacks.Callback):
+        def _start(self, dsk):
+            calls.append(1)
+
+    # Rechunk the data only (DataArray.chunk would also turn the channel coords into dask arrays).
+    a = white.copy(data=white.data.rechunk((60_000, -1)))
+    b = white.copy(data=white.data.rechunk((37_000, -1)))
+    with Count():
+        out_a = correct(a, rigid_drift)
+        out_b = correct(b, rigid_drift)
+    assert not calls  # building the graphs computes nothing
+    assert isinstance(out_a.data, da.Array) and out_a.dtype == np.float32
+    assert out_a.attrs["drift_corrected"] is True
+    np.testing.assert_allclose(out_a.values, out_b.values, atol=1e-5)
+
+
+def test_zero_displacement_is_identity_up_to_kriging(static):
+    white, _ = static
+    w = white.isel(time=slice(0, 60_000))
+    drift = estimate(w, {"nblocks": 1, "batch_size": 30_000})
+    zero = drift.copy()
+    zero["displacement"] = xr.zeros_like(drift["displacement"])
+    out = correct(w, zero).values
+    # The kriging smoother (ridge 0.01) leaves the signal nearly unchanged when nothing moves.
+    assert np.corrcoef(out.ravel(), w.values.ravel())[0, 1] > 0.95
+
+
+def test_nblocks_0_turns_correction_off(static):
+    white, _ = static
+    drift = estimate(white, {"nblocks": 0})
+    assert drift.attrs["drift_correction"] == "off"
+    assert drift["displacement"].shape == (15, 1) and not drift["displacement"].values.any()
+    assert drift.sizes["spike"] == 0
+    assert correct(white, drift) is white
+
+
+def test_shorter_than_one_batch(static):
+    white, _ = static
+    short = white.isel(time=slice(0, 20_000))
+    drift = estimate(short, {"nblocks": 5})
+    assert drift.sizes["time"] == 1
+    assert not drift["displacement"].values.any()
+    np.testing.assert_allclose(drift["time"].values, [10_000 / 30_000])
+    assert correct(short, drift).shape == short.shape
+
+
+def test_batches_without_spikes(rigid):
+    white, truth = rigid
+    # Silence 8 s in the middle (4 batches): no spikes there; the estimate elsewhere stays accurate and the
+    # silent batches are bridged smoothly.
+    mask = np.ones(white.sizes["time"], np.float32)
+    mask[300_000:540_000] = 0.0
+    silenced = white * xr.DataArray(mask, dims="time")
+    silenced.attrs = white.attrs
+    drift = estimate(silenced, {"nblocks": 1})
+    assert np.isfinite(drift["displacement"].values).all()
+    keep = (truth["drift_time"].values < 10.0) | (truth["drift_time"].values > 18.0)
+    err = rms_error(drift, truth["unit_displacement"].values[keep], times_s=truth["drift_time"].values[keep],
+                    unit_depths_um=truth["unit_y"].values)
+    assert err <= 1.5
+
+
+def test_two_shanks_are_estimated_separately(rigid):
+    white, truth = rigid
+    shank = np.repeat([0, 1], white.sizes["channel"] // 2)
+    two = white.assign_coords(shank=("channel", shank))
+    drift = estimate(two, {"nblocks": 1})
+    assert drift.attrs["shanks"] == "estimated per shank"
+    assert list(drift["block_shank"].values) == [0, 1]
+    # Each shank's block follows the (rigid) truth of the units on that shank.
+    uy = truth["unit_y"].values
+    for sh in (0, 1):
+        ys = white["y"].values[shank == sh]
+        on = (uy > ys.min() + 20) & (uy < ys.max() - 20)
+        sub = drift.isel(block=[sh])
+        err = rms_error(sub, truth["unit_displacement"].values[:, on], times_s=truth["drift_time"].values,
+                        unit_depths_um=uy[on])
+        assert err <= 2.0
+    out = correct(two, drift)
+    assert out.shape == two.shape
+
+
+def test_plots(rigid_drift):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    sa.plotting.plot_drift_map(rigid_drift, ax=axes[0])
+    sa.plotting.plot_drift_map(rigid_drift, ax=axes[1], corrected=True)
+    sa.plotting.plot_displacement(rigid_drift, ax=axes[2])
+    assert len(axes[0].collections) == 1 and len(axes[2].lines) >= 1
+    # The registered drift map is tighter in depth than the raw one for the same spikes.
+    raw = axes[0].collections[0].get_offsets()[:, 1]
+    reg = axes[1].collections[0].get_offsets()[:, 1]
+    assert len(raw) == len(reg)
+    plt.close(fig)
+
+
+def test_accessor_methods(rigid, rigid_drift):
+    white = rigid[0].isel(time=slice(0, 120_000))
+    drift = white.sa.estimate_drift({"nblocks": 1})
+    assert drift["displacement"].sizes["time"] == 2
+    assert white.sa.correct_drift(rigid_drift).shape == white.shape
+
+
+def test_rms_error_checks_shapes(rigid_drift):
+    with pytest.raises(sa.errors.DataError):
+        rms_error(rigid_drift, np.zeros((3, 2)), times_s=np.zeros(3), unit_depths_um=np.zeros(5))
