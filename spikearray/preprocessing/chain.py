@@ -103,7 +103,9 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
         core = y[pad_left:len(y) - pad_right]
         if do_car:
             core = car_run(core, start + pad_left)
-        out = np.zeros_like(y)
+        out = np.empty_like(y)
+        out[:pad_left] = 0.0
+        out[len(y) - pad_right:] = 0.0
         out[pad_left:len(y) - pad_right] = whiten_block(core, w, blocks, device=dev, threads=threads)
         return out
 
