@@ -185,8 +185,19 @@ def whiten_block(x: np.ndarray, w: np.ndarray, blocks: list[tuple[int, int, int,
         return out.cpu().numpy()
 
 
-def covariance_block(x: np.ndarray, *, device: torch.device, threads: int | None = None) -> np.ndarray:
-    """``x.T @ x`` (not centred, as Kilosort4) of a ``(n, c)`` block, float64 ``(c, c)``."""
+def covariance_block(x: np.ndarray, *, device: torch.device, threads: int | None = None,
+                     blocks: list[tuple[int, int, int, int]] | None = None) -> np.ndarray:
+    """``x.T @ x`` (not centred, as Kilosort4) of a ``(n, c)`` block, float64 ``(c, c)``.
+
+    With ``blocks`` (from :func:`band_blocks` of the needed-entries mask) only ``C[o0:o1, i0:i1]`` is computed;
+    other entries are 0.
+    """
     with torch_threads(threads):
         xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
-        return (xt.T @ xt).double().cpu().numpy()
+        if blocks is None or len(blocks) == 1:
+            return (xt.T @ xt).double().cpu().numpy()
+        c = xt.shape[1]
+        out = torch.zeros((c, c), dtype=torch.float64, device=device)
+        for o0, o1, i0, i1 in blocks:
+            out[o0:o1, i0:i1] = (xt[:, o0:o1].T @ xt[:, i0:i1]).double()
+        return out.cpu().numpy()

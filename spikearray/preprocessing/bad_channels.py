@@ -22,8 +22,8 @@ class BadChannelWarning(UserWarning):
 
 def _robust_sd(x: np.ndarray) -> np.ndarray:
     # every 8th sample is plenty for a per-channel median and keeps this cheap next to the filtering itself
-    sub = np.asarray(x[::8], dtype=np.float32)
-    return np.median(np.abs(sub), axis=0) / 0.6745
+    sub = np.abs(np.asarray(x[::8], dtype=np.float32)).T.copy()  # channel-major: median along contiguous rows
+    return np.median(sub, axis=1) / 0.6745
 
 
 def bad_channel_tasks(rec: xr.DataArray, windows: list[tuple[int, int]]) -> list:

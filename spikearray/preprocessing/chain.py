@@ -10,12 +10,12 @@ from .._compute import default_torch_threads, resolve_device
 from ..errors import SettingsError
 from ..settings import Settings
 from ._common import check_recording, derive_attrs
-from ._graph import as_dask, map_time_overlap, sample_windows, wrap_like
+from ._graph import as_dask, map_time_blocks, map_time_overlap, sample_windows, wrap_like
 from ._kernels import band_blocks, whiten_block
 from .bad_channels import bad_channel_tasks, classify_bad_channels, warn_bad_channels
 from .filters import highpass_stage
 from .reference import reference_stage
-from .whitening import covariance_tasks, matrix_from_estimates, whiten_record
+from .whitening import covariance_tasks, matrix_from_estimates, needed_pairs, neighbourhoods, whiten_record
 
 __all__ = ["preprocess"]
 
@@ -81,19 +81,19 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
     # lazy intermediates for the sampled global estimates (only the sampled windows get computed)
     hp_data = map_time_overlap(hp_run, data, halo)
     hp = wrap_like(rec, hp_data, derive_attrs(rec, units="uV", stages=[hp_record]))
-    ref = wrap_like(rec, map_time_overlap(lambda x, s, l, r, a, b: car_run(hp_run(x, s, l, r, a, b), s)
-                                          if do_car else hp_run(x, s, l, r, a, b), data, halo),
-                    dict(hp.attrs, units="uV"))
+    # the referenced windows reuse the filtered chunks' tasks (one filter pass over the sample)
+    ref = wrap_like(rec, map_time_blocks(car_run, hp_data) if do_car else hp_data, dict(hp.attrs, units="uV"))
     windows = sample_windows(rec.sizes["time"], batch_size=int(settings.batch_size), nskip=int(settings.nskip),
                              seed=int(settings.seed))
-    cov_tasks = covariance_tasks(ref, windows, device=dev, threads=threads)
+    pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, int(settings.whitening_range)))
+    cov_tasks = covariance_tasks(ref, windows, device=dev, threads=threads, pairs=pairs)
     results = dask.compute(*cov_tasks, *bad_channel_tasks(hp, windows))
     covs, sds = list(results[:len(cov_tasks)]), list(results[len(cov_tasks):])
     bad = classify_bad_channels(hp, sds, dead_threshold=dead_threshold, noisy_threshold=noisy_threshold)
     warn_bad_channels(bad, what="preprocess")
     matrix = matrix_from_estimates(ref, covs, bad, whitening_range=int(settings.whitening_range),
                                    nskip=int(settings.nskip), batch_size=int(settings.batch_size), windows=windows,
-                                   eps=1e-6, symmetric=True)
+                                   eps=1e-6, symmetric=True, pairs=pairs)
     w = np.ascontiguousarray(matrix.values, dtype=np.float32)
     blocks = band_blocks(w)
 
@@ -103,7 +103,9 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
         core = y[pad_left:len(y) - pad_right]
         if do_car:
             core = car_run(core, start + pad_left)
-        out = np.zeros_like(y)
+        out = np.empty_like(y)
+        out[:pad_left] = 0.0
+        out[len(y) - pad_right:] = 0.0
         out[pad_left:len(y) - pad_right] = whiten_block(core, w, blocks, device=dev, threads=threads)
         return out
 

@@ -7,14 +7,15 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .._compute import default_torch_threads, resolve_device
+from .._compute import default_torch_threads, resolve_device, torch_threads
 from ..errors import DataError, ProbeMismatchError, SettingsError
 from ._common import check_finite, check_recording, derive_attrs, json_friendly, uV_gains
 from ._graph import as_dask, map_time_blocks, sample_windows, wrap_like
 from ._kernels import band_blocks, covariance_block, whiten_block
 from .bad_channels import bad_channel_tasks, classify_bad_channels, warn_bad_channels
 
-__all__ = ["whitening_matrix", "whiten", "local_zca", "covariance_tasks", "matrix_from_estimates"]
+__all__ = ["whitening_matrix", "whiten", "local_zca", "neighbourhoods", "needed_pairs", "covariance_tasks",
+           "matrix_from_estimates"]
 
 CONVENTION = "whitened[t, i] = sum_j W[i, j] * x[t, j]  (X @ W.T; W is symmetric by default)"
 
@@ -24,6 +25,35 @@ def _check_params(whitening_range: int, nskip: int, batch_size: int) -> None:
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise SettingsError(f"{name}={v!r}; expected a positive integer (Kilosort4 defaults: whitening_range=32,"
                                 " nskip=25, batch_size=60000).")
+
+
+def neighbourhoods(x: np.ndarray, y: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """``(c, k)`` indices of each channel's ``k`` nearest usable channels in (x, y), itself first.
+
+    Ties are broken by channel order; excluded channels never appear (their own row lists only themselves,
+    padded with -1).
+    """
+    c = len(x)
+    exclude = np.zeros(c, bool) if exclude is None else np.asarray(exclude, bool)
+    keep = np.flatnonzero(~exclude)
+    k = min(int(k), keep.size)
+    pos = np.stack([np.asarray(x, float), np.asarray(y, float)], axis=1)
+    d = np.hypot(pos[:, None, 0] - pos[None, keep, 0], pos[:, None, 1] - pos[None, keep, 1])
+    d[keep, np.arange(keep.size)] = -1.0  # self first
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    nb = keep[order]
+    nb[exclude] = -1
+    nb[exclude, 0] = np.flatnonzero(exclude)
+    return nb
+
+
+def needed_pairs(nb: np.ndarray) -> np.ndarray:
+    """Boolean ``(c, c)`` mask of the covariance entries the local ZCA reads (pairs inside a neighbourhood)."""
+    c = nb.shape[0]
+    nbs = np.where(nb >= 0, nb, nb[:, :1])  # padding (-1) repeats the channel itself
+    pairs = np.zeros((c, c), bool)
+    pairs[nbs[:, :, None], nbs[:, None, :]] = True
+    return pairs
 
 
 def local_zca(cov: np.ndarray, x: np.ndarray, y: np.ndarray, *, whitening_range: int, eps: float = 1e-6,
@@ -38,7 +68,7 @@ def local_zca(cov: np.ndarray, x: np.ndarray, y: np.ndarray, *, whitening_range:
     Parameters
     ----------
     cov : ndarray (c, c)
-        Channel covariance (data units²).
+        Channel covariance (data units²); only the entries of :func:`needed_pairs` are read.
     x, y : ndarray (c,)
         Positions (µm).
     eps : float
@@ -61,18 +91,16 @@ def local_zca(cov: np.ndarray, x: np.ndarray, y: np.ndarray, *, whitening_range:
     w[exclude, exclude] = 1.0
     if keep.size == 0:
         return w
-    diag = np.diag(cov)[keep]
-    eps_eff = max(float(eps), 1e-6 * float(np.median(diag)))
-    k = min(int(whitening_range), keep.size)
-    pos = np.stack([np.asarray(x, float), np.asarray(y, float)], axis=1)
-    for j in keep:
-        d = np.hypot(*(pos[keep] - pos[j]).T)
-        order = np.lexsort((keep, keep != j, d))  # distance, then self first, then channel order
-        nb = keep[order[:k]]
-        evals, evecs = np.linalg.eigh(cov[np.ix_(nb, nb)])
-        scale = 1.0 / np.sqrt(np.clip(evals, 0.0, None) + eps_eff)
-        row = (evecs[0] * scale) @ evecs.T  # row of E diag(s) Eᵀ belonging to j (nb[0] == j)
-        w[j, nb] = row
+    eps_eff = max(float(eps), 1e-6 * float(np.median(np.diag(cov)[keep])))
+    nb = neighbourhoods(x, y, whitening_range, exclude)[keep]  # (n_keep, k), column 0 is the channel itself
+    local = cov[nb[:, :, None], nb[:, None, :]]  # (n_keep, k, k)
+    # torch's batched eigh on CPU (numpy's loops LAPACK per matrix and its BLAS threads can stall next to dask's)
+    with torch_threads(1):
+        evals_t, evecs_t = torch.linalg.eigh(torch.from_numpy(np.ascontiguousarray(local, dtype=np.float64)))
+    evals, evecs = evals_t.numpy(), evecs_t.numpy()
+    scale = 1.0 / np.sqrt(np.clip(evals, 0.0, None) + eps_eff)
+    rows = np.einsum("nj,nj,nkj->nk", evecs[:, 0, :], scale, evecs)  # row 0 of E diag(s) Eᵀ
+    w[keep[:, None], nb] = rows
     if symmetric:
         w = 0.5 * (w + w.T)
     if not np.isfinite(w).all():
@@ -82,29 +110,42 @@ def local_zca(cov: np.ndarray, x: np.ndarray, y: np.ndarray, *, whitening_range:
 
 
 def covariance_tasks(rec: xr.DataArray, windows: list[tuple[int, int]], *, device: torch.device,
-                     threads: int | None) -> list:
-    """Delayed ``(X.T @ X, n_samples)`` of each window of ``rec`` (float µV or whitened data)."""
+                     threads: int | None, pairs: np.ndarray | None = None) -> list:
+    """Delayed ``(X.T @ X, n_samples)`` of each window of ``rec`` (float µV or whitened data).
+
+    With a ``pairs`` mask only the band of entries it needs is computed (the rest stays 0), which for local
+    whitening on a depth-ordered probe is several times cheaper than the full product.
+    """
     data = as_dask(rec)
     gain = uV_gains(rec)
+    blocks = band_blocks(pairs) if pairs is not None else None
 
     def cov(x: np.ndarray) -> tuple[np.ndarray, int]:
         xf = np.asarray(x, dtype=np.float32) * gain if x.dtype.kind not in "f" or not np.all(gain == 1) else x
-        return covariance_block(xf, device=device, threads=threads), len(x)
+        return covariance_block(xf, device=device, threads=threads, blocks=blocks), len(x)
 
     return [dask.delayed(cov)(data[a:b]) for a, b in windows]
 
 
 def matrix_from_estimates(rec: xr.DataArray, covs: list[tuple[np.ndarray, int]], bad: dict, *,
                           whitening_range: int, nskip: int, batch_size: int, windows: list[tuple[int, int]],
-                          eps: float, symmetric: bool) -> xr.DataArray:
-    """Assemble the labelled whitening matrix from window covariances and a bad-channel report."""
+                          eps: float, symmetric: bool, pairs: np.ndarray | None = None) -> xr.DataArray:
+    """Assemble the labelled whitening matrix from window covariances and a bad-channel report.
+
+    ``pairs`` is the mask the covariances were computed for (None: full); if the dead channels make some
+    neighbourhood reach outside it, the covariance is recomputed in full (a second sampled pass).
+    """
+    ids = rec["channel"].values
+    exclude = np.isin(ids, np.asarray(bad["dead"], dtype=ids.dtype)) if bad["dead"] else None
+    if pairs is not None:
+        need = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, whitening_range, exclude))
+        if (need & ~pairs).any():
+            covs = list(dask.compute(*covariance_tasks(rec, windows, device=torch.device("cpu"), threads=None)))
     total = sum(n for _, n in covs)
     cov = sum(cv for cv, _ in covs) / max(total, 1)
     if not np.isfinite(cov).all():
         raise DataError("whitening: the sampled windows hold NaN or inf; compute the traces (e.g. "
                         "rec.data.compute()) to find where, or clean the input.")
-    ids = rec["channel"].values
-    exclude = np.isin(ids, np.asarray(bad["dead"], dtype=ids.dtype)) if bad["dead"] else None
     w = local_zca(cov, rec["x"].values, rec["y"].values, whitening_range=whitening_range, eps=eps,
                   exclude=exclude, symmetric=symmetric)
     out = xr.DataArray(w.astype(np.float32), dims=("channel", "channel_out"),
@@ -162,7 +203,8 @@ def whitening_matrix(rec: xr.DataArray, *, whitening_range: int = 32, nskip: int
     dev = resolve_device(device)
     threads = torch_threads or default_torch_threads()
     windows = sample_windows(rec.sizes["time"], batch_size=batch_size, nskip=nskip, seed=seed)
-    tasks = covariance_tasks(rec, windows, device=dev, threads=threads)
+    pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, whitening_range))
+    tasks = covariance_tasks(rec, windows, device=dev, threads=threads, pairs=pairs)
     if bad_channels is None:
         results = dask.compute(*tasks, *bad_channel_tasks(rec, windows))
         covs, sds = list(results[:len(tasks)]), list(results[len(tasks):])
@@ -171,7 +213,7 @@ def whitening_matrix(rec: xr.DataArray, *, whitening_range: int = 32, nskip: int
         covs = list(dask.compute(*tasks))
     warn_bad_channels(bad_channels, what="whitening_matrix")
     return matrix_from_estimates(rec, covs, bad_channels, whitening_range=whitening_range, nskip=nskip,
-                                 batch_size=batch_size, windows=windows, eps=eps, symmetric=symmetric)
+                                 batch_size=batch_size, windows=windows, eps=eps, symmetric=symmetric, pairs=pairs)
 
 
 def check_matrix(rec: xr.DataArray, matrix: xr.DataArray) -> np.ndarray:
