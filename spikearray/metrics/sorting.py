@@ -28,6 +28,17 @@ def _displacement(drift: xr.Dataset | None) -> xr.DataArray:
                         coords={"time": [0.0], "block_depth": ("block", [0.0])})
 
 
+def _drift_spikes(drift: xr.Dataset | None) -> dict[str, Any]:
+    """The spikes the drift estimate used (uncorrected depths), for drift maps in reports."""
+    out = {}
+    if drift is not None and "spike_time" in drift:
+        for src, dst in (("spike_time", "drift_spike_time"), ("spike_depth", "drift_spike_depth"),
+                         ("spike_amplitude", "drift_spike_amplitude")):
+            if src in drift:
+                out[dst] = ("drift_spike", np.asarray(drift[src].values))
+    return out
+
+
 def _channel_coords(white: xr.DataArray) -> dict[str, Any]:
     out = {"channel": ("channel", white["channel"].values)}
     for k in ("x", "y", "shank", "contact_id"):
@@ -81,6 +92,7 @@ def empty_sorting(recording: xr.DataArray, white: xr.DataArray, whitening: xr.Da
             "unit_pc_channel": (("unit", "nearest"), np.zeros((0, n_near), np.int64)),
             "whitening_matrix": (("channel", "channel_out"), whitening.values.astype(np.float32)),
             "displacement": _displacement(drift),
+            **_drift_spikes(drift),
         },
         coords={"unit": np.zeros(0, np.int64), **_channel_coords(white),
                 "channel_out": ("channel_out", white["channel"].values)},
@@ -188,6 +200,7 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
             "unit_pc_channel": (("unit", "nearest"), tchan[survivors].astype(np.int64)),
             "whitening_matrix": (("channel", "channel_out"), W.astype(np.float32)),
             "displacement": _displacement(drift),
+            **_drift_spikes(drift),
         },
         coords={"unit": np.arange(n_units, dtype=np.int64), **_channel_coords(white),
                 "channel_out": ("channel_out", chan_ids)},
