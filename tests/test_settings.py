@@ -9,8 +9,12 @@ from spikearray.settings import PARAMETERS
 
 
 def test_defaults_match_kilosort4():
-    s = Settings()
+    s = Settings.kilosort4()
     assert s.batch_size == 60000 and s.nblocks == 1 and s.Th_universal == 9 and s.Th_learned == 8
+    # the three documented deviations of spikearray's own defaults
+    d = Settings()
+    assert (d.nblocks, d.Th_universal, d.Th_learned) == (5, 6.0, 6.0)
+    assert Settings.kilosort4(nblocks=3).nblocks == 3
     assert s.whitening_range == 32 and s.highpass_cutoff == 300 and s.nt == 61 and s.nt0min_ == 20
     assert s.drift_smoothing == (0.5, 0.5, 0.5) and s.acg_threshold == 0.2 and s.ccg_threshold == 0.25
     assert s.duplicate_spike_bins(30000.0) == 7

@@ -15,7 +15,7 @@ import numpy as np
 from ..metrics.refractory import is_cross_refractory, is_refractory
 from .similarity import template_similarity
 
-__all__ = ["ccg_merge", "remove_duplicates"]
+__all__ = ["ccg_merge", "drift_merge", "absorb_fragments", "remove_duplicates"]
 
 
 def ccg_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, sampling_rate: float,
@@ -76,6 +76,125 @@ def ccg_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndar
                     parent[parent == b] = a
                     changed = True
                     break
+    return t, u, parent
+
+
+def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, bin_samples: int,
+                min_similarity: float = 0.85, max_rate_correlation: float = -0.3,
+                max_lag: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge pieces of one neuron that residual drift split in time.
+
+    When drift correction is imperfect, the first clustering can cut a unit into pieces that take turns:
+    one holds its spikes while the probe is up, the other while it is down. Their cross-correlogram shows
+    no coincidences at any lag (they are rarely active together), so the refractory test of
+    :func:`ccg_merge` cannot decide; but their templates are nearly identical and their firing-rate time
+    courses are anti-correlated, which two distinct neurons' are not (on GT-B, split pieces scored
+    similarity ≥ 0.88 with rate correlation ≤ −0.5; distinct units at most 0.84 and ≥ −0.17).
+
+    Parameters
+    ----------
+    spike_time, spike_unit : ndarray (n,)
+    templates : ndarray (K, C, nt)
+    bin_samples : int
+        Width of the firing-rate bins (the drift batch length).
+    min_similarity : float
+        Template similarity needed.
+    max_rate_correlation : float
+        Pearson correlation of binned rates must be at most this.
+
+    Returns
+    -------
+    spike_time, spike_unit, parent : as :func:`ccg_merge`.
+    """
+    K = len(templates)
+    t = spike_time.astype(np.int64).copy()
+    u = spike_unit.astype(np.int64).copy()
+    parent = np.arange(K)
+    if K < 2 or len(t) == 0:
+        return t, u, parent
+    nt = templates.shape[2]
+    sim, lag = template_similarity(templates, max_lag if max_lag is not None else nt // 2)
+    n_bins = int(t.max() // bin_samples) + 1
+    if n_bins < 4:
+        return t, u, parent
+    rates = np.zeros((K, n_bins))
+    np.add.at(rates, (u, t // bin_samples), 1.0)
+    counts = np.bincount(u, minlength=K)
+    iu = np.triu_indices(K, 1)
+    order = np.argsort(-sim[iu], kind="stable")
+    for o in order:
+        a, b = int(iu[0][o]), int(iu[1][o])
+        if sim[a, b] < min_similarity:
+            break
+        ra, rb = parent[a], parent[b]
+        while parent[ra] != ra:
+            ra = parent[ra]
+        while parent[rb] != rb:
+            rb = parent[rb]
+        if ra == rb or counts[ra] == 0 or counts[rb] == 0:
+            continue
+        if rates[ra].std() == 0 or rates[rb].std() == 0:
+            continue
+        if np.corrcoef(rates[ra], rates[rb])[0, 1] > max_rate_correlation:
+            continue
+        keep, drop = (ra, rb) if counts[ra] >= counts[rb] else (rb, ra)
+        m = u == drop
+        t[m] += lag[keep, drop]
+        u[m] = keep
+        rates[keep] += rates[drop]
+        rates[drop] = 0
+        counts[keep] += counts[drop]
+        counts[drop] = 0
+        parent[drop] = keep
+    for k in range(K):  # flatten the union-find so parent[k] is the surviving unit
+        r = k
+        while parent[r] != r:
+            r = parent[r]
+        parent[k] = r
+    return t, u, parent
+
+
+def absorb_fragments(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, sampling_rate: float,
+                     acg_threshold: float, max_fraction: float = 0.25, min_similarity: float = 0.75,
+                     max_lag: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fold small fragments into the similar, much larger unit they were cut from.
+
+    A fragment (fewer than ``max_fraction`` of the spikes of its most similar unit, similarity ≥
+    ``min_similarity``) joins that unit when the union still passes the refractory test — a piece of the
+    same neuron adds no refractory violations, a different neuron would.
+
+    Returns
+    -------
+    spike_time, spike_unit, parent : as :func:`ccg_merge`.
+    """
+    K = len(templates)
+    t = spike_time.astype(np.int64).copy()
+    u = spike_unit.astype(np.int64).copy()
+    parent = np.arange(K)
+    if K < 2:
+        return t, u, parent
+    nt = templates.shape[2]
+    sim, lag = template_similarity(templates, max_lag if max_lag is not None else nt // 2)
+    np.fill_diagonal(sim, -np.inf)
+    counts = np.bincount(u, minlength=K)
+    fs = float(sampling_rate)
+    for f in np.argsort(counts, kind="stable"):
+        if counts[f] == 0:
+            continue
+        alive = counts > 0
+        cand = np.where(alive, sim[f], -np.inf)
+        big = int(np.argmax(cand))
+        if cand[big] < min_similarity or counts[f] >= max_fraction * counts[big]:
+            continue
+        joint = np.sort(np.concatenate([t[u == big], t[u == f] + lag[big, f]]))
+        if not is_refractory(joint / fs, acg_threshold)[0]:
+            continue
+        m = u == f
+        t[m] += lag[big, f]
+        u[m] = big
+        counts[big] += counts[f]
+        counts[f] = 0
+        parent[parent == f] = big
     return t, u, parent
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 from .._version import __version__
-from ..clustering.merge import ccg_merge, remove_duplicates
+from ..clustering.merge import absorb_fragments, ccg_merge, drift_merge, remove_duplicates
 from ..geometry import positions
 from ..settings import Settings
 from .units import ptp_best, refractory_labels, spike_positions, unit_positions, unwhiten_templates
@@ -138,6 +138,11 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
 
     t, unit, parent = ccg_merge(t, k, tmean, sampling_rate=fs, acg_threshold=s.acg_threshold,
                                 ccg_threshold=s.ccg_threshold)
+    if drift is not None:
+        t, unit, parent2 = drift_merge(t, unit, tmean, bin_samples=int(s.batch_size))
+        parent = parent2[parent]
+    t, unit, parent3 = absorb_fragments(t, unit, tmean, sampling_rate=fs, acg_threshold=s.acg_threshold)
+    parent = parent3[parent]
     # merged spikes keep their features on their original template's channels: move them onto the survivor's
     moved = unit != k
     if moved.any():
