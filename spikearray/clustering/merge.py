@@ -15,7 +15,7 @@ import numpy as np
 from ..metrics.refractory import is_cross_refractory, is_refractory
 from .similarity import template_similarity
 
-__all__ = ["ccg_merge", "drift_merge", "absorb_fragments", "remove_duplicates"]
+__all__ = ["ccg_merge", "drift_merge", "absorb_fragments", "redundant_units", "remove_duplicates"]
 
 
 def ccg_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, sampling_rate: float,
@@ -196,6 +196,38 @@ def absorb_fragments(spike_time: np.ndarray, spike_unit: np.ndarray, templates: 
         counts[f] = 0
         parent[parent == f] = big
     return t, u, parent
+
+
+def redundant_units(spike_time: np.ndarray, spike_unit: np.ndarray, n_units: int, *, delta: int,
+                    max_fraction: float = 0.5) -> np.ndarray:
+    """Units whose spikes mostly coincide with another, larger unit's: residual catchers, not neurons.
+
+    When a template fits a spike imperfectly (residual drift, a waveform that changes shape), what is left
+    can be picked up by a second, weaker template at the same time. Such a unit has most of its spikes within
+    ``delta`` samples of spikes of one bigger unit; two distinct neurons essentially never do.
+
+    Returns
+    -------
+    ndarray of bool (n_units,)
+        True for units to drop.
+    """
+    counts = np.bincount(spike_unit, minlength=n_units)
+    drop = np.zeros(n_units, bool)
+    trains = [np.sort(spike_time[spike_unit == k]) for k in range(n_units)]
+    for a in np.argsort(counts, kind="stable"):
+        if counts[a] == 0:
+            continue
+        ta = trains[a]
+        for b in range(n_units):
+            if b == a or drop[b] or counts[b] <= counts[a]:
+                continue
+            tb = trains[b]
+            i = np.clip(np.searchsorted(tb, ta), 1, len(tb) - 1) if len(tb) > 1 else np.zeros(len(ta), int)
+            near = np.minimum(np.abs(tb[i] - ta), np.abs(tb[i - 1] - ta)) if len(tb) > 1 else np.abs(tb[0] - ta)
+            if (near <= delta).mean() >= max_fraction:
+                drop[a] = True
+                break
+    return drop
 
 
 def remove_duplicates(spike_time: np.ndarray, spike_unit: np.ndarray, min_gap: int) -> np.ndarray:

@@ -42,17 +42,21 @@ def kmeans(X: np.ndarray, k: int, seed: int, iters: int = 40) -> np.ndarray:
     return lab
 
 
-def bimodality_score(z: np.ndarray, w: np.ndarray, split: float, n_bins: int = 64) -> float:
+def bimodality_score(z: np.ndarray, w: np.ndarray, split: float, n_bins: int | None = None) -> float:
     """1 − valley / min(left peak, right peak) of a weighted, smoothed histogram of ``z``.
 
     ``split`` is the point between the two groups' means; the valley is searched between the two groups'
-    medians, the peaks on either side of the valley. 0 = unimodal, → 1 = a deep valley.
+    medians, the peaks on either side of the valley. 0 = unimodal, → 1 = a deep valley. The number of bins
+    grows with the sample (about 25 points per bin, 12–64 bins) so that counting noise does not carve
+    valleys into a unimodal histogram.
     """
+    if n_bins is None:
+        n_bins = int(np.clip(len(z) / 25, 12, 64))
     lo, hi = np.percentile(z, [0.5, 99.5])
     if hi <= lo:
         return 0.0
     h, edges = np.histogram(np.clip(z, lo, hi), bins=n_bins, range=(lo, hi), weights=w)
-    h = gaussian_filter1d(h.astype(float), 1.0)
+    h = gaussian_filter1d(h.astype(float), 1.5)
     centres = 0.5 * (edges[1:] + edges[:-1])
     left = z < split
     if left.all() or (~left).all():

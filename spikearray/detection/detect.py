@@ -95,13 +95,11 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, np
         A = torch.einsum("scd,dl->scl", ctx["W"].to(dev), y)  # (S, C, L) matched in space
         # negative-going spikes only: whitening gives big units positive spatial side lobes, which |A| would
         # turn into spurious detections far from the unit
-        Aabs, size_idx = A.max(0)
-        near = ctx["near"].to(dev)
-        nmax = Aabs.clone()
-        for j in range(1, near.shape[1]):
-            nmax = torch.maximum(nmax, Aabs[near[:, j]])
-        pooled = F.max_pool1d(nmax[None], 2 * nt0 + 1, stride=1, padding=nt0)[0]
-        peak = (Aabs >= pooled) & (Aabs > ctx["th"])
+        Amax = A.amax(0)
+        # local maximum over ±nt0 samples (per channel), then over the ~100 µm neighbourhood — the latter only
+        # at the few candidate samples, through the time-pooled array
+        pooled = F.max_pool1d(Amax[None], 2 * nt0 + 1, stride=1, padding=nt0)[0]
+        peak = (Amax >= pooled) & (Amax > ctx["th"])
         # trough window must fit inside the block, and inside the core range
         t_glob0 = info.start - info.left
         lo = max(nt, info.left) if info.start > 0 else nt
@@ -110,11 +108,16 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, np
         hi = min(core_end, L - nt)
         peak[:, hi:] = False
         c, t = torch.nonzero(peak, as_tuple=True)
+        near = ctx["near"].to(dev)
+        if len(t):
+            best_nb = pooled[near[c], t[:, None]].max(1).values
+            ok = Amax[c, t] >= best_nb
+            c, t = c[ok], t[ok]
         n = len(t)
         nC = ctx["nearC"].shape[1]
         if n == 0:
             return _empty(nC, ctx["pcs"].shape[0])
-        amp = A[size_idx[c, t], c, t]
+        amp = A[:, c, t].amax(0)
         chans = ctx["nearC"].to(dev)[c]  # (n, nC)
         vals = y[chans, t[:, None]].clamp_min(0)
         pos = ctx["pos"].to(dev)

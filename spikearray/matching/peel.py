@@ -5,9 +5,9 @@ best template explains a local maximum of variance above ``Th_learned²`` and su
 (from the data and, through precomputed template cross-correlations, from the correlation scores), up to
 ``max_peels`` times. We do the same with two changes that make it cheap on a CPU:
 
-* each template is stored in rank ``R`` spatio-temporal form (SVD), so the correlation is one small matrix
-  product over channels followed by ``K·R`` single-row FFT correlations, instead of a projection of every
-  channel on every temporal basis;
+* each template is stored in low-rank spatio-temporal form (SVD, as few components as leave less than one
+  noise SD out), so the correlation is one small matrix product over channels, one FFT per component and
+  one inverse FFT per template, instead of a projection of every channel on every temporal basis;
 * subtraction from the score array uses the exact template cross-correlations of the low-rank templates
   (consistent algebra: what is subtracted is what was fitted).
 
@@ -29,21 +29,37 @@ import xarray as xr
 
 from .._blocks import ChunkInfo, compute_tasks, map_chunks
 from .._compute import default_torch_threads, resolve_device, torch_threads
-from ..detection.detect import correlate_fft
+from ..detection.detect import fast_len
 from ..geometry import nearest_channels, positions
 from ..settings import Settings
 
 __all__ = ["match", "low_rank"]
 
 
-def low_rank(templates: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-``rank`` factors of each template ``(K, C, nt)``: spatial ``(K, R, C)`` (scaled) and temporal ``(K, R, nt)``."""
+def low_rank(templates: np.ndarray, rank: int, tol: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spatio-temporal factors of each template ``(K, C, nt)``, as few as needed.
+
+    Template ``k`` keeps the smallest number of SVD components (at most ``rank``) whose residual norm is at
+    most ``tol`` (whitened SD): what is left out then stays below the noise of one sample.
+
+    Returns
+    -------
+    spatial : ndarray (n_rows, C)
+        Spatial factors scaled by their singular values.
+    temporal : ndarray (n_rows, nt)
+    row_template : ndarray (n_rows,) int64
+        The template of each row.
+    """
     K, C, nt = templates.shape
     R = min(rank, C, nt)
     u, sv, vh = np.linalg.svd(templates.astype(np.float64), full_matrices=False)
-    spatial = np.transpose(u[:, :, :R] * sv[:, None, :R], (0, 2, 1))
-    temporal = vh[:, :R, :]
-    return spatial.astype(np.float32), temporal.astype(np.float32)
+    tail = np.sqrt(np.maximum((sv ** 2).sum(1, keepdims=True) - np.cumsum(sv ** 2, axis=1), 0.0))  # (K, min(C,nt))
+    keep = np.minimum(1 + (tail > tol).sum(1), R)
+    rows_k = np.repeat(np.arange(K), keep)
+    rows_r = np.concatenate([np.arange(n) for n in keep]) if K else np.zeros(0, int)
+    spatial = u[rows_k, :, rows_r] * sv[rows_k, rows_r][:, None]
+    temporal = vh[rows_k, rows_r, :]
+    return spatial.astype(np.float32), temporal.astype(np.float32), rows_k.astype(np.int64)
 
 
 def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any]:
@@ -52,10 +68,16 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
         x = torch.from_numpy(np.ascontiguousarray(block.T, dtype=np.float32)).to(dev)  # (C, L)
         C, L = x.shape
         nt, nt0 = ctx["nt"], ctx["nt0"]
-        S, Tm, Ur, nm, ctc = (ctx[k].to(dev) for k in ("S", "Tm", "Ur", "nm", "ctc"))
-        K, R, _ = S.shape
-        Z = torch.einsum("krc,cl->krl", S, x).reshape(K * R, L)
-        B = correlate_fft(Z, Tm.reshape(K * R, nt), nt0).reshape(K, R, L).sum(1)  # (K, L)
+        S, Ur, nm, ctc, rows = (ctx[k].to(dev) for k in ("S", "Ur", "nm", "ctc", "rows"))
+        K = Ur.shape[0]
+        # B[k, t] = Σ_rows(k) (S_row · x) ⋆ T_row: one matrix product over channels, the rows' FFTs, and the
+        # sum over each template's rows in the frequency domain (K inverse FFTs instead of one per row)
+        Z = S @ x
+        n = fast_len(L + nt)
+        spec = torch.fft.rfft(Z, n=n) * _filter_spectrum(ctx, n, dev)
+        Bf = torch.zeros((K, spec.shape[1]), dtype=spec.dtype, device=dev).index_add_(0, rows, spec)
+        shift = nt - 1 - nt0
+        B = torch.fft.irfft(Bf, n=n)[:, shift:shift + L].contiguous()  # (K, L)
         th2 = ctx["th"] ** 2
         lo, hi = nt, L - nt
         D = 2 * nt - 1
@@ -112,6 +134,16 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
         }
 
 
+def _filter_spectrum(ctx: dict, n: int, dev: torch.device) -> torch.Tensor:
+    """FFT of the reversed temporal factors at length ``n`` (cached per length and device)."""
+    key = ("spec", n, str(dev))
+    spec = ctx.get(key)
+    if spec is None:
+        spec = torch.fft.rfft(torch.flip(ctx["Tm"].to(dev), dims=(-1,)), n=n)
+        ctx[key] = spec
+    return spec
+
+
 def _empty(ctx: dict) -> dict[str, Any]:
     K, C, nt = ctx["Ur"].shape
     nC = ctx["nearU"].shape[1]
@@ -136,9 +168,9 @@ def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, setting
     settings : Settings
         Uses ``Th_learned``, ``max_peels``, ``nt``, ``nt0min``, ``nearest_chans``, ``device``, ``torch_threads``.
     rank : int, optional
-        Rank of the spatio-temporal template approximation (default ``n_pcs``: exact for templates built
-        from PC features, whose temporal rank is at most ``n_pcs``; a lower rank leaves part of every fitted
-        spike in the residual, where other templates then "find" it).
+        Largest rank of the spatio-temporal template approximation (default ``n_pcs``); each template uses
+        the fewest components that leave less than one noise SD out (see :func:`low_rank`). What is fitted
+        is exactly what is subtracted, so nothing of a fitted spike is left for other templates to "find".
 
     Returns
     -------
@@ -155,8 +187,10 @@ def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, setting
     shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(C, int)
     nC = min(s.nearest_chans, C)
     rank = rank or s.n_pcs
-    spatial, temporal = low_rank(templates, rank)
-    Ur = np.einsum("krc,krt->kct", spatial, temporal).astype(np.float32)
+    spatial, temporal, rows = low_rank(templates, rank)
+    Ur = np.zeros((K, C, nt), np.float64)
+    np.add.at(Ur, rows, spatial[:, :, None].astype(np.float64) * temporal[:, None, :])
+    Ur = Ur.astype(np.float32)
     nm = (Ur.astype(np.float64) ** 2).sum((1, 2))
     Ut = torch.from_numpy(Ur)
     ctc = F.conv1d(F.pad(Ut, (nt - 1, nt - 1)), Ut) if K else torch.zeros((0, 0, 2 * nt - 1))  # (K, K, 2nt-1)
@@ -166,7 +200,7 @@ def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, setting
     ctx = {
         "device": resolve_device(s.device), "threads": s.torch_threads or default_torch_threads(),
         "nt": nt, "nt0": s.nt0min_, "th": float(s.Th_learned), "max_peels": int(s.max_peels),
-        "S": torch.from_numpy(spatial), "Tm": torch.from_numpy(temporal), "Ur": Ut,
+        "S": torch.from_numpy(spatial), "Tm": torch.from_numpy(temporal), "rows": torch.from_numpy(rows), "Ur": Ut,
         "nm": torch.from_numpy(nm.astype(np.float32)), "ctc": ctc.contiguous(),
         "nearU": torch.from_numpy(nearU), "pcs": torch.from_numpy(bases["pc"].values.astype(np.float32)),
     }

@@ -72,7 +72,7 @@ def compare_to_truth(sorting: xr.Dataset, truth: xr.Dataset, *, delta_ms: float 
                 acc[r] = agreement[r, c]
                 rec[r] = match[r, c] / max(n_u[r], 1)
                 prec[r] = match[r, c] / max(n_k[c], 1)
-    fp = int((agreement.max(0) < 0.2).sum()) if U else K
+    fp = int(((agreement.max(0) < 0.2) & (n_k > 0)).sum()) if U else int((n_k > 0).sum())
     return xr.Dataset(
         {"accuracy": ("unit", acc), "recall": ("unit", rec), "precision": ("unit", prec),
          "matched_unit": ("unit", matched)},

@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 from .._version import __version__
-from ..clustering.merge import absorb_fragments, ccg_merge, drift_merge, remove_duplicates
+from ..clustering.merge import absorb_fragments, ccg_merge, drift_merge, redundant_units, remove_duplicates
 from ..geometry import positions
 from ..settings import Settings
 from .units import ptp_best, refractory_labels, spike_positions, unit_positions, unwhiten_templates
@@ -153,6 +153,9 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
         idx = match_.argmax(2)
         f = feat[moved]
         feat[moved] = np.where(has[:, :, None], np.take_along_axis(f, idx[:, :, None], 1), 0.0)
+    gone = redundant_units(t, unit, K, delta=int(round(0.4e-3 * fs)))
+    keep = ~gone[unit]
+    t, unit, k, scale, feat = t[keep], unit[keep], k[keep], scale[keep], feat[keep]
     order = np.lexsort((unit, t))
     t, unit, k, scale, feat = t[order], unit[order], k[order], scale[order], feat[order]
     keep = remove_duplicates(t, unit, s.duplicate_spike_bins(fs))

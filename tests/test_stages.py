@@ -1,0 +1,144 @@
+"""Stage-level tests on tiny planted data, each against a simple reference."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spikearray._blocks import ChunkInfo
+from spikearray.clustering.similarity import template_similarity
+from spikearray.clustering.splitmerge import bimodality_score, split_merge
+from spikearray.detection.detect import correlate_fft, fast_len
+from spikearray.matching.peel import _match_block, low_rank
+from spikearray.metrics.groundtruth import compare_to_truth
+from spikearray.metrics.refractory import ccg_metrics, correlogram, is_refractory
+
+
+def test_fast_len_and_fft_correlation_match_numpy():
+    assert fast_len(60427) == 60750 and fast_len(7) == 8 and fast_len(1000) == 1000
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 500)).astype(np.float32)
+    w = rng.standard_normal((3, 21)).astype(np.float32)
+    got = correlate_fft(torch.from_numpy(x), torch.from_numpy(w), 7).numpy()
+    ref = np.zeros_like(x)
+    for r in range(3):
+        for t in range(500):
+            for tau in range(21):
+                j = t - 7 + tau
+                if 0 <= j < 500:
+                    ref[r, t] += w[r, tau] * x[r, j]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def _ctx(U, pcs, th=1.0):
+    sp, tm, rows = low_rank(U, 6)
+    K, C, nt = U.shape
+    Ur = np.zeros_like(U, dtype=np.float64)
+    np.add.at(Ur, rows, sp[:, :, None].astype(float) * tm[:, None, :])
+    Ut = torch.from_numpy(Ur.astype(np.float32))
+    return dict(device=torch.device("cpu"), threads=1, nt=nt, nt0=20, th=th, max_peels=20, S=torch.from_numpy(sp),
+                Tm=torch.from_numpy(tm), rows=torch.from_numpy(rows), Ur=Ut, nm=(Ut ** 2).sum((1, 2)),
+                ctc=F.conv1d(F.pad(Ut, (nt - 1, nt - 1)), Ut), nearU=torch.zeros((K, 4), dtype=torch.long),
+                pcs=torch.from_numpy(pcs))
+
+
+def test_matching_pursuit_recovers_overlapping_planted_spikes():
+    rng = np.random.default_rng(0)
+    K, C, nt, nt0 = 3, 8, 61, 20
+    pcs = np.linalg.qr(rng.standard_normal((nt, 6)))[0].T.astype(np.float32)
+    U = (rng.standard_normal((K, C, 6)) @ pcs).astype(np.float32) * 3
+    L = 3000
+    x = np.zeros((C, L), np.float32)
+    planted = [(500, 0, 1.0), (530, 1, 2.0), (1500, 2, 0.7), (2000, 0, 1.3)]  # 500/530 overlap
+    for t, k, a in planted:
+        x[:, t - nt0:t - nt0 + nt] += a * U[k]
+    out = _match_block(x.T.copy(), ChunkInfo(0, L, 0), _ctx(U, pcs))
+    got = sorted(zip(out["time"].tolist(), out["template"].tolist(), out["amplitude"].tolist()))
+    want = sorted(planted)
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    # overlapping spikes are fitted one after the other, so the first fit absorbs a little of its neighbour
+    np.testing.assert_allclose([g[2] for g in got], [w[2] for w in want], rtol=0.02)
+    # everything explained: the per-template means equal the planted templates × mean amplitude
+    np.testing.assert_allclose(out["sums"][1], 2.0 * U[1], atol=2e-2)
+
+
+def test_low_rank_keeps_few_components_for_rank_one_templates():
+    rng = np.random.default_rng(1)
+    U = np.einsum("kc,kt->kct", rng.standard_normal((4, 16)), rng.standard_normal((4, 61))).astype(np.float32)
+    sp, tm, rows = low_rank(U * 10, 6)
+    assert rows.tolist() == [0, 1, 2, 3]  # one component each suffices
+
+
+def test_template_similarity_finds_shifted_copies():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 4, 30))
+    a[1] = np.roll(a[0], 3, axis=1)
+    sim, lag = template_similarity(a, 5)
+    assert sim[0, 1] > 0.85 and lag[0, 1] == 3 and sim[0, 2] < 0.3
+    np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-6)
+
+
+def test_split_merge_separates_two_blobs_and_keeps_one():
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((600, 8))
+    assert len(np.unique(split_merge(one, seed=0))) == 1
+    two = np.r_[rng.standard_normal((400, 8)), rng.standard_normal((300, 8)) + np.r_[6, np.zeros(7)]]
+    lab = split_merge(two, seed=0)
+    assert len(np.unique(lab)) == 2
+    assert (lab[:400] == lab[0]).mean() > 0.99 and (lab[400:] == lab[400]).mean() > 0.99
+    z = np.r_[rng.normal(-3, 1, 500), rng.normal(3, 1, 500)]
+    assert bimodality_score(z, np.ones_like(z), 0.0) > 0.8
+    assert bimodality_score(rng.normal(0, 1, 1000), np.ones(1000), 0.0) < 0.4
+
+
+def test_correlogram_matches_brute_force_and_refractory_metrics():
+    rng = np.random.default_rng(0)
+    t1 = np.sort(rng.uniform(0, 20, 300))
+    t2 = np.sort(rng.uniform(0, 20, 250))
+    ref = np.zeros(1001, int)
+    for a in t1:
+        for b in t2:
+            if abs(b - a) <= 0.5005:
+                k = int(np.rint((b - a) / 1e-3)) + 500
+                if 0 <= k <= 1000:
+                    ref[k] += 1
+    np.testing.assert_array_equal(correlogram(t1, t2), ref)
+    # a Poisson train with a 3 ms dead time is refractory; a train with many 1 ms doublets is not
+    isi = 0.003 + rng.exponential(0.1, 3000)
+    clean = np.cumsum(isi)
+    assert is_refractory(clean)[0]
+    dirty = np.sort(np.r_[clean, clean[::3] + 0.0008])
+    ok, r12 = is_refractory(dirty)
+    assert not ok and r12 > 0.2
+    R12, Q12, _, _ = ccg_metrics(clean, clean, acg=True)
+    assert R12 < 0.1 and Q12 < 0.05
+
+
+def test_compare_to_truth_against_spikeinterface():
+    import xarray as xr
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+    from spikeinterface.core import NumpySorting
+
+    rng = np.random.default_rng(0)
+    fs = 30000.0
+    gt_t = np.sort(rng.choice(3_000_000, 3000, replace=False))
+    gt_u = rng.integers(0, 5, 3000)
+    keep = rng.random(3000) < 0.9
+    so_t = gt_t[keep] + rng.integers(-5, 6, keep.sum())
+    so_u = gt_u[keep].copy()
+    so_u[so_u == 4] = 3  # over-merge two units
+    extra = np.sort(rng.choice(3_000_000, 200, replace=False))
+    so_t = np.r_[so_t, extra]
+    so_u = np.r_[so_u, np.full(200, 5)]
+    o = np.argsort(so_t, kind="stable")
+    truth = xr.Dataset({"spike_time": ("spike", gt_t), "spike_unit": ("spike", gt_u)}, coords={"unit": np.arange(5)},
+                       attrs={"sampling_rate": fs})
+    sorting = xr.Dataset({"spike_time": ("spike", so_t[o]), "spike_unit": ("spike", so_u[o])},
+                         coords={"unit": np.arange(6)})
+    ours = compare_to_truth(sorting, truth)
+    cmp = compare_sorter_to_ground_truth(
+        NumpySorting.from_samples_and_labels([gt_t], [gt_u], fs),
+        NumpySorting.from_samples_and_labels([so_t[o]], [so_u[o]], fs), exhaustive_gt=True)
+    np.testing.assert_allclose(ours.accuracy.values, cmp.get_performance()["accuracy"].values.astype(float), atol=0.01)
+    assert ours.attrs["n_well_detected"] == cmp.count_well_detected_units(0.8)
+    assert ours.attrs["n_false_positive"] == cmp.count_false_positive_units()
