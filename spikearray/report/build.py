@@ -185,7 +185,8 @@ def write_report(out_dir: str | os.PathLike, *, sorting: xr.Dataset | None = Non
             fig = plot_unit_grid(sorting, units, spikes=spikes, channels=chans)
             sec.figures.append(Figure(
                 _save(fig, tmp, f"units_{p:03d}.png", dpi=90), f"unit waveforms and ACGs, page {p}",
-                f"Units {', '.join(map(str, units))} (largest depth y first, as on the probe figure). Each: template (mean waveform, µV) on the "
+                f"Units {', '.join(map(str, units))} (largest depth y first, as on the probe figure). Each: "
+                f"template (mean waveform, µV) on the "
                 f"{n_channels} channels nearest its best channel, drawn at the contacts' positions, scale bars "
                 "µV and 1 ms; below, the auto-correlogram (Hz, 1 ms bins, ±50 ms; grey band ±1.5 ms) with the "
                 "contamination R12."))
