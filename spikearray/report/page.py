@@ -73,7 +73,8 @@ def units_table(sorting: xr.Dataset) -> str:
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in cols)
     rows = []
     K = sorting.sizes.get("unit", 0)
-    values = {name: (np.asarray(sorting[name].values) if name in sorting.variables else np.full(K, "")) for name, _, _ in cols}
+    values = {name: (np.asarray(sorting[name].values) if name in sorting.variables else np.full(K, ""))
+              for name, _, _ in cols}
     for i in range(K):
         cells = []
         for name, _, digits in cols:

@@ -36,7 +36,8 @@ def _from_dataarray(rec: xr.DataArray, sorting: xr.Dataset) -> Reader:
     n = int(rec.sizes["time"])
     st = np.asarray(sorting["spike_time"].values)
     if st.size and int(st.max()) >= n:
-        raise RecordingUnavailable(f"the recording has {n} samples but the sorting has spikes at sample {int(st.max())}.")
+        raise RecordingUnavailable(f"the recording has {n} samples but the sorting has spikes at sample "
+                                   f"{int(st.max())}.")
     if rec.attrs.get("units") == "uV":
         gain = np.ones(len(chans), np.float32)
     elif "gain_to_uV" in rec.coords:
