@@ -155,6 +155,48 @@ command("demo", "sort the built-in synthetic recording, write Zarr + Phy, print 
         _configure_demo)(_cmd_demo)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    page = write_report(args.dir, recording=args.recording, progress=not args.quiet)
+    print(f"report      {page}")
+    return 0
+
+
+def _configure_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="sorting output folder (holding sorting.zarr); the report goes to DIR/report")
+    p.add_argument("--recording", help="the sorted recording, for sampled spikes (default: the sorting's 'source')")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    from .recipes import format_summary, load_recipe, run_sessions, write_summary
+
+    recipe = load_recipe(args.file)
+    if args.check:
+        print(f"{args.file}: {len(recipe.sessions)} sessions, settings and keys valid")
+        for s in recipe.sessions:
+            print(f"  {s.name}: {s.path} -> {s.out}")
+        return 0
+    results = run_sessions(recipe.sessions, report=recipe.report, progress=args.progress)
+    print()
+    print(format_summary(results))
+    root = recipe.output_root or recipe.sessions[0].out.parent
+    print(f"summary written to {write_summary(results, root / 'summary.tsv')}")
+    return 1 if any(r.status == "error" for r in results) else 0
+
+
+def _configure_recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="YAML recipe: sessions (path, probe, out, settings), settings, output_root, report")
+    p.add_argument("--check", action="store_true", help="only validate the file and list the sessions")
+    p.add_argument("--progress", action="store_true", help="show each sort's stage progress")
+
+
+command("report", "write the HTML report of a saved sorting (DIR/report/index.html)", _configure_report)(_cmd_report)
+command("recipe", "sort the sessions a YAML recipe lists, skipping complete ones; summary at the end",
+        _configure_recipe)(_cmd_recipe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered sub-command."""
     from ._version import __version__
