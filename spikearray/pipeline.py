@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import xarray as xr
+from threadpoolctl import threadpool_limits
 
 from .errors import DataError, OutputExistsError, RecordingError
 from .settings import Settings
@@ -112,7 +113,9 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
     rec, offset = _time_range(recording, s)
     rec = rec.chunk({"time": max(1, int(round(s.chunk_seconds * rec.attrs["sampling_rate"])))})
     timer = _Timer(progress)
-    with tempfile.TemporaryDirectory(prefix="spikearray-") as tmp:
+    # dask's threads already use every core: BLAS threads inside them would oversubscribe (and OpenBLAS's
+    # thread start-up dominates the many small SVDs and eigendecompositions of clustering and matching)
+    with tempfile.TemporaryDirectory(prefix="spikearray-") as tmp, threadpool_limits(limits=1, user_api="blas"):
         sorting = _run(rec, s, timer, Path(tmp), progress=progress, client=client)
     if offset:
         sorting["spike_time"] = sorting["spike_time"] + offset
