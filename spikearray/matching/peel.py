@@ -40,7 +40,9 @@ def low_rank(templates: np.ndarray, rank: int, tol: float = 1.0) -> tuple[np.nda
     """Spatio-temporal factors of each template ``(K, C, nt)``, as few as needed.
 
     Template ``k`` keeps the smallest number of SVD components (at most ``rank``) whose residual norm is at
-    most ``tol`` (whitened SD): what is left out then stays below the noise of one sample.
+    most ``tol`` (whitened SD). :func:`match` uses half the matching threshold: what is left out of a fitted
+    spike can then never pass the threshold on its own (the left-out part of a mean template is mostly the
+    estimation noise of the mean, which has high rank and does not need fitting).
 
     Returns
     -------
@@ -187,7 +189,7 @@ def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, setting
     shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(C, int)
     nC = min(s.nearest_chans, C)
     rank = rank or s.n_pcs
-    spatial, temporal, rows = low_rank(templates, rank)
+    spatial, temporal, rows = low_rank(templates, rank, tol=0.5 * float(s.Th_learned))
     Ur = np.zeros((K, C, nt), np.float64)
     np.add.at(Ur, rows, spatial[:, :, None].astype(np.float64) * temporal[:, None, :])
     Ur = Ur.astype(np.float32)
