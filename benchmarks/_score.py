@@ -105,11 +105,15 @@ def plot_units(per_unit, title: str, png: Path) -> None:
 
     matplotlib.use("Agg")  # no display on benchmark machines
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     ax.scatter(per_unit["ptp_uV"], per_unit["accuracy"], s=18, color="tab:blue")
     ax.axhline(WELL_DETECTED, color="gray", lw=0.8, ls="--", label=f"well detected ({WELL_DETECTED})")
     ax.set_xscale("log")
+    # Plain µV ticks: the default log labels of minor ticks overlap on this range.
+    ax.set_xticks([10, 20, 50, 100, 200, 500], labels=["10", "20", "50", "100", "200", "500"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("ground-truth unit peak-to-peak on max channel (µV)")
     ax.set_ylabel("accuracy")
