@@ -67,6 +67,27 @@ def measure(sorter: str, set_dir: Path) -> dict:
     return result
 
 
+def linear_fit(runs: list[dict]) -> dict | None:
+    """Least-squares ``wall = fixed + slope × duration`` and the same for RSS, over runs of one channel count.
+
+    The intercept separates start-up cost (imports, model set-up) from the cost
+    that grows with the data, which a ratio of two wall times would mix up.
+
+    Returns
+    -------
+    dict or None
+        ``fixed_s``, ``s_per_recording_s``, ``rss_gb_fixed``, ``rss_gb_per_recording_s``;
+        None with fewer than two durations.
+    """
+    t = np.array([r["recording_seconds"] for r in runs], dtype=float)
+    if len(np.unique(t)) < 2:
+        return None
+    slope, fixed = np.polyfit(t, [r["wall_s"] for r in runs], 1)
+    rss_slope, rss_fixed = np.polyfit(t, [r["peak_rss_gb"] for r in runs], 1)
+    return {"fixed_s": float(fixed), "s_per_recording_s": float(slope),
+            "rss_gb_fixed": float(rss_fixed), "rss_gb_per_recording_s": float(rss_slope)}
+
+
 def plot(runs: list[dict], sorter: str, png: Path) -> None:
     """Two panels against duration: wall time (with the linear extrapolation of 1×) and peak RSS."""
     import matplotlib
@@ -83,16 +104,19 @@ def plot(runs: list[dict], sorter: str, png: Path) -> None:
         style = dict(marker="o" if ch == 64 else "s", ls="-" if len(rs) > 1 else "none", label=f"{ch} channels")
         ax_t.plot(t, [r["wall_s"] for r in rs], **style)
         ax_m.plot(t, [r["peak_rss_gb"] for r in rs], **style)
-        if len(rs) > 1:
-            # What perfectly linear cost would give, anchored at the shortest run.
-            base = rs[0]["wall_s"] / rs[0]["recording_seconds"]
-            ax_t.plot(t, [base * x for x in t], color="gray", ls=":", lw=1, label=f"linear from {t[0]:g} s")
+        fit = linear_fit(rs)
+        if fit:
+            # The straight line the runs would sit on if cost = fixed + per-second × duration.
+            ax_t.plot([0, max(t)], [fit["fixed_s"], fit["fixed_s"] + fit["s_per_recording_s"] * max(t)],
+                      color="gray", ls=":", lw=1,
+                      label=f"fit: {fit['fixed_s']:.0f} s + {fit['s_per_recording_s']:.2f} × duration")
     ax_t.set_xlabel("recording duration (s)")
     ax_t.set_ylabel("wall time (s)")
     ax_m.set_xlabel("recording duration (s)")
     ax_m.set_ylabel("peak RSS, process tree (GB)")
-    ax_m.set_ylim(bottom=0)
-    ax_t.set_ylim(bottom=0)
+    # Headroom so markers at the top are not cut by the frame.
+    ax_t.set_ylim(0, 1.15 * max(r["wall_s"] for r in ok))
+    ax_m.set_ylim(0, 1.15 * max(r["peak_rss_gb"] for r in ok))
     ax_t.set_xlim(left=0)
     ax_m.set_xlim(left=0)
     for ax in (ax_t, ax_m):
@@ -128,7 +152,8 @@ def main() -> None:
               "command": f"python benchmarks/scaling.py --sorter {args.sorter} "
                          f"--base-duration {args.base_duration:g} --factors {args.factors} "
                          f"--wide-channels {args.wide_channels} --out {args.out}",
-              "runs": runs}
+              "runs": runs,
+              "fit_64_channels": linear_fit([r for r in runs if r["returncode"] == 0 and r["n_channels"] == 64])}
     write_json(out / f"scaling_{args.sorter}.json", record)
     plot(runs, args.sorter, out / f"scaling_{args.sorter}.png")
     print(f"wrote {out / f'scaling_{args.sorter}.json'} and .png")
