@@ -37,10 +37,20 @@ _EXTRA_MODULES = {"mountainsort5": ("mountainsort5", "isosplit6"), "tridesclous2
 
 
 def _as_unit_index(unit_of_spike: np.ndarray, unit_ids: np.ndarray) -> np.ndarray:
-    """Map each spike's unit id to its index in ``unit_ids``."""
+    """Map each spike's unit id to its index in ``unit_ids``.
+
+    Raises
+    ------
+    ValueError
+        If a spike's unit is not in ``unit_ids`` (a sorter output that
+        contradicts itself must not be scored as if it were fine).
+    """
     order = np.argsort(unit_ids)
-    pos = np.searchsorted(unit_ids, unit_of_spike, sorter=order)
-    return order[pos].astype(np.int64)
+    pos = np.clip(np.searchsorted(unit_ids, unit_of_spike, sorter=order), 0, max(len(unit_ids) - 1, 0))
+    index = order[pos].astype(np.int64)
+    if len(unit_of_spike) and not np.array_equal(unit_ids[index], unit_of_spike):
+        raise ValueError("some spikes belong to units missing from the unit list")
+    return index
 
 
 def run_spikearray(set_dir: Path, params: dict, work: Path) -> Spikes:

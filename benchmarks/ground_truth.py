@@ -89,7 +89,11 @@ def benchmark_one(set_name: str, set_dir: Path, sorter: str, out: Path, command:
         print(f"[{set_name}] {sorter}: FAILED (exit {run.returncode}), see {work / 'sort.log'}", flush=True)
         return record
 
-    record.update(json.loads(str(np.load(npz)["meta"])))
+    sorted_npz = np.load(npz)
+    record.update(json.loads(str(sorted_npz["meta"])))
+    # The sorter's own good/mua split, for context: scoring uses all units.
+    labels, counts = np.unique(sorted_npz["unit_quality"].astype(str), return_counts=True)
+    record["units_by_sorter_label"] = {str(k) or "unlabelled": int(c) for k, c in zip(labels, counts)}
     record["status"] = "ok"
     # Scoring needs SpikeInterface, which lives in the peers venv only.
     metrics_json = work / "metrics.json"
