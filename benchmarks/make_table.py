@@ -27,7 +27,7 @@ SORTER_NAMES = {
 
 HEADER = ("| set | sorter | well-detected (≥ 0.8) | ≥ 0.5 | mean acc | median acc | mean precision "
           "| mean recall | false positive | redundant | over-merged | units found | wall | × real time "
-          "| peak RSS (process tree) | date |")
+          "| peak RSS (process tree) | load before → after | date |")
 
 
 def load_runs(results: Path) -> list[dict]:
@@ -51,9 +51,11 @@ def _sorter_label(run: dict) -> str:
 def row(run: dict) -> str:
     """One Markdown table row for a run (failed runs say so instead of metrics)."""
     date = run["date"][:10]
+    # 1-minute load averages: above the core count means the run shared the CPU.
+    load = f"{run['loadavg_before'][0]:.1f} → {run['loadavg_after'][0]:.1f}"
     if run["status"] != "ok":
         return (f"| {run['set']} | {_sorter_label(run)} | failed (exit {run.get('returncode')}) |"
-                + " |" * 12 + f" {date} |")
+                + " |" * 12 + f" {load} | {date} |")
     m = run["metrics"]
     cells = [
         run["set"], _sorter_label(run),
@@ -61,7 +63,7 @@ def row(run: dict) -> str:
         f"{m['mean_accuracy']:.2f}", f"{m['median_accuracy']:.2f}",
         f"{m['mean_precision']:.2f}", f"{m['mean_recall']:.2f}",
         str(m["false_positive"]), str(m["redundant"]), str(m["overmerged"]), str(m["n_sorted_units"]),
-        f"{run['wall_s']:.0f} s", f"{run['x_real_time']:.2f}", f"{run['peak_rss_gb']:.1f} GB", date,
+        f"{run['wall_s']:.0f} s", f"{run['x_real_time']:.2f}", f"{run['peak_rss_gb']:.1f} GB", load, date,
     ]
     return "| " + " | ".join(cells) + " |"
 
