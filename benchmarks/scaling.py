@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,11 @@ def plot(runs: list[dict], sorter: str, png: Path) -> None:
         style = dict(marker="o" if ch == 64 else "s", ls="-" if len(rs) > 1 else "none", label=f"{ch} channels")
         ax_t.plot(t, [r["wall_s"] for r in rs], **style)
         ax_m.plot(t, [r["peak_rss_gb"] for r in rs], **style)
+        for r in rs:
+            # The machine's 1-min load at the end of the run: above the core
+            # count, the point measures contention as much as the sorter.
+            ax_t.annotate(f"load {r['loadavg_after'][0]:.1f}", (r["recording_seconds"], r["wall_s"]),
+                          textcoords="offset points", xytext=(4, -10), fontsize=7, color="gray")
         fit = linear_fit(rs)
         if fit:
             # The straight line the runs would sit on if cost = fixed + per-second × duration.
@@ -138,8 +144,15 @@ def main() -> None:
                         help="channel count of the extra run at the base duration (0: skip it)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the PNG from an existing scaling_<sorter>.json in --out")
     args = parser.parse_args()
 
+    out = args.out.resolve()
+    if args.replot:
+        runs = json.loads((out / f"scaling_{args.sorter}.json").read_text())["runs"]
+        plot(runs, args.sorter, out / f"scaling_{args.sorter}.png")
+        return
     configs = [(args.base_duration * float(f), 64) for f in args.factors.split(",")]
     if args.wide_channels:
         configs.append((args.base_duration, args.wide_channels))
@@ -147,7 +160,6 @@ def main() -> None:
     sets = [make_recording(args.data_dir, seconds, ch) for seconds, ch in configs]
     runs = [measure(args.sorter, s) for s in sets]
 
-    out = args.out.resolve()
     record = {"kind": "scaling", "sorter": args.sorter, "date": now_iso(), "machine": machine_info(),
               "command": f"python benchmarks/scaling.py --sorter {args.sorter} "
                          f"--base-duration {args.base_duration:g} --factors {args.factors} "
