@@ -162,12 +162,13 @@ def _preprocess(rec: xr.DataArray, s: Settings, workdir: Path, store: StageStore
         store.invalidate_preprocessed()
         write_int16(white, store.preprocessed_path, scale=_SCALE, client=client, progress=progress)
         store.mark_preprocessed(h, white.shape, _SCALE)
+        name = "" if white.name is None else str(white.name)
         packed = xr.Dataset({"whitening_matrix": whitening.variable}, coords=whitening.coords,
-                            attrs={"white_attrs": json.dumps(white.attrs), "white_name": str(white.name)})
+                            attrs={"white_attrs": json.dumps(white.attrs), "white_name": name})
         meta = store.save("preprocess", h, packed)
     whitening = meta["whitening_matrix"]
     white = open_int16(store.preprocessed_path, rec, scale=_SCALE, attrs=json.loads(meta.attrs["white_attrs"]))
-    return white.rename(meta.attrs["white_name"]), whitening
+    return (white.rename(meta.attrs["white_name"]) if meta.attrs["white_name"] else white), whitening
 
 
 _SCALE = 200.0  # int16 = round(whitened × 200), Kilosort4's temp_wh.dat convention
