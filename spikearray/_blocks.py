@@ -27,6 +27,9 @@ class ChunkInfo(tuple):
     def __new__(cls, start: int, stop: int, left: int):
         return super().__new__(cls, (int(start), int(stop), int(left)))
 
+    def __getnewargs__(self) -> tuple:  # pickling (dask-distributed) calls __new__ with these
+        return tuple(self)
+
     @property
     def start(self) -> int:
         return self[0]

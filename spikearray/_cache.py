@@ -17,7 +17,7 @@ import xarray as xr
 
 from .io.recording import BinaryReader, _lazy
 
-__all__ = ["materialize"]
+__all__ = ["materialize", "write_int16", "open_int16"]
 
 
 def _write_block(block: np.ndarray, scale: float, path: str, shape: tuple, block_info=None) -> np.ndarray:
@@ -57,6 +57,13 @@ def materialize(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 
         Same coords, attrs and chunks as ``white``; values within ``0.5 / scale`` of the originals (or clipped
         at ±32767 / scale).
     """
+    write_int16(white, path, scale=scale, client=client, progress=progress)
+    return open_int16(path, white, scale=scale)
+
+
+def write_int16(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 200.0, client: Any = None,
+                progress: bool = False) -> Path:
+    """Write ``round(white × scale)`` as int16 to ``path`` (via ``path.partial``, renamed when complete)."""
     from ._blocks import compute_tasks
 
     path = Path(path)
@@ -71,8 +78,21 @@ def materialize(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 
     compute_tasks(list(tokens.to_delayed().ravel()), progress=progress, desc="preprocess", client=client,
                   prefix="store")
     tmp.replace(path)
+    return path
+
+
+def open_int16(path: str | os.PathLike, like: xr.DataArray, *, scale: float = 200.0,
+               attrs: dict | None = None) -> xr.DataArray:
+    """Lazy float32 view (``value / scale``) of an int16 file written by :func:`write_int16`.
+
+    ``like`` gives dims, coords, name and time chunking (the file holds ``like.shape``); ``attrs`` replaces
+    its attrs when given. The graph holds a picklable reader (path and shape), never a memory map.
+    """
+    path = Path(path)
+    n, c = like.shape
     reader = BinaryReader(path, np.int16, c, n, np.arange(c))
-    lazy = _lazy(reader, white.chunks[0][0]).map_blocks(_scale_block, 1.0 / float(scale), dtype=np.float32)
-    out = white.copy(data=lazy)
-    out.attrs = dict(white.attrs, cache=str(path), cache_scale=float(scale))
+    lazy = _lazy(reader, like.chunks[0][0] if like.chunks else n).map_blocks(_scale_block, 1.0 / float(scale),
+                                                                              dtype=np.float32)
+    out = like.copy(data=lazy)
+    out.attrs = dict(like.attrs if attrs is None else attrs, cache=str(path), cache_scale=float(scale))
     return out

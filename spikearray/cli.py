@@ -118,6 +118,71 @@ def _add_recording_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gain-to-uV", dest="gain_to_uV", type=float, help="ÂµV per integer step, raw binaries")
 
 
+def _cmd_sort(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .io import open_recording
+    from .pipeline import sort
+    from .resume import STAGES_DIR
+    from .settings import Settings
+
+    settings = Settings()
+    if args.settings:
+        try:
+            text = Path(args.settings).read_text()
+        except OSError as e:
+            raise SpikearrayError(f"cannot read the settings file {args.settings!r} ({e.strerror}); pass a JSON "
+                                  "file of name: value pairs (Kilosort4 names), e.g. {\"Th_universal\": 9}.") from None
+        settings = Settings.from_json(text)
+    kw = {k: getattr(args, k) for k in ("n_channels", "sampling_rate", "dtype", "gain_to_uV", "probe")
+          if getattr(args, k) is not None}
+    rec = open_recording(args.path, **kw)
+    out = Path(args.out)
+    resuming = (out / STAGES_DIR).is_dir() and not (out / "sorting.zarr").exists() and not args.overwrite
+    if resuming:
+        print(f"resuming    an unfinished run in {out} (finished stages are reused when their inputs match)")
+    client = None
+    if args.cluster:
+        try:
+            from distributed import Client
+        except ImportError:
+            raise SpikearrayError("--cluster needs dask.distributed; install it with pip install "
+                                  "'spikearray[distributed]'.") from None
+        try:
+            client = Client(args.cluster, timeout=30)
+        except (OSError, TimeoutError) as e:
+            raise SpikearrayError(f"could not connect to the dask scheduler at {args.cluster!r} ({e}); check the "
+                                  "address (tcp://host:8786) and that the scheduler is running.") from None
+    t0 = time.perf_counter()
+    try:
+        sorting = sort(rec, settings, output=out, progress=not args.no_progress, client=client,
+                       overwrite=args.overwrite)
+    finally:
+        if client is not None:
+            client.close()
+    elapsed = time.perf_counter() - t0
+    labels = sorting["label"].values.astype(str) if "label" in sorting else []
+    skipped = json.loads(sorting.attrs.get("stages_skipped", "[]"))
+    print(f"units       {sorting.sizes['unit']} ({int((labels == 'good').sum()) if len(labels) else 0} good)")
+    print(f"spikes      {sorting.sizes['spike']}")
+    print(f"time        {elapsed:.1f} s" + (f" (reused: {', '.join(skipped)})" if skipped else ""))
+    print(f"sorting     {out / 'sorting.zarr'}")
+    print(f"phy         {out / 'phy'}")
+    return 0
+
+
+def _configure_sort(p: argparse.ArgumentParser) -> None:
+    _add_recording_args(p)
+    p.add_argument("--out", required=True, help="output folder (sorting.zarr, phy/); an unfinished run there "
+                                                "is resumed")
+    p.add_argument("--settings", help="JSON file of settings (Kilosort4 names), e.g. {\"nblocks\": 5}")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output and recompute every stage")
+    p.add_argument("--cluster", help="dask scheduler address (tcp://host:8786); default: threads on this machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
@@ -151,6 +216,8 @@ command("info", "summarise a recording (probe, channels, rate, duration, size, Â
         _configure_info)(_cmd_info)
 command("export-phy", "write the Phy / Kilosort folder of a saved sorting (DIR/phy)",
         _configure_export_phy)(_cmd_export_phy)
+command("sort", "spike-sort a recording into OUT (sorting.zarr + phy/); reruns resume an unfinished OUT",
+        _configure_sort)(_cmd_sort)
 command("demo", "sort the built-in synthetic recording, write Zarr + Phy, print units and accuracy",
         _configure_demo)(_cmd_demo)
 

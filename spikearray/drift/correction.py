@@ -75,6 +75,15 @@ class _Mover:
         self.cache_size = cache_size
         self.lock = Lock()
 
+    # dask-distributed ships the mover to worker processes: send the geometry, not the lock or the matrix cache
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "cache")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.cache = OrderedDict()
+        self.lock = Lock()
+
     def matrix(self, key: tuple) -> torch.Tensor:
         with self.lock:
             m = self.cache.get(key)
