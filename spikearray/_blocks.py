@@ -8,6 +8,7 @@ and return variable-length results. :func:`map_chunks` builds one dask task per 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import dask
@@ -106,8 +107,14 @@ class _TqdmCallback(Callback):
 
 
 def compute_tasks(tasks: list, *, progress: bool = False, desc: str = "", client: Any = None,
-                  prefix: str = "chunk") -> list:
-    """Compute delayed tasks (threaded scheduler or ``client``), with a tqdm bar over the chunk tasks."""
+                  prefix: str = "chunk", window: int | None = None) -> list:
+    """Compute delayed tasks (threaded scheduler or ``client``), with a tqdm bar over the chunk tasks.
+
+    On the threaded scheduler the tasks run in consecutive windows of ``window`` (default: 2 × the cores):
+    handed all at once, dask starts reading every input chunk before the first kernel finishes, so peak
+    memory would grow with the recording's length. Windows keep it bounded by a few chunks, at the price of
+    reading the one chunk shared by two windows' halos twice.
+    """
     if not tasks:
         return []
     if client is not None:
@@ -119,6 +126,10 @@ def compute_tasks(tasks: list, *, progress: bool = False, desc: str = "", client
                 for _ in as_completed(futures):
                     bar.update(1)
         return client.gather(futures)
+    window = window or 2 * (os.cpu_count() or 1)
+    out: list = []
     with tqdm(total=len(tasks), desc=desc, unit="chunk", disable=not progress) as bar:
         with _TqdmCallback(bar, prefix):
-            return list(dask.compute(*tasks, scheduler="threads"))
+            for i in range(0, len(tasks), window):
+                out.extend(dask.compute(*tasks[i:i + window], scheduler="threads"))
+    return out

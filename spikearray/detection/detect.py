@@ -92,10 +92,13 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, np
         C, L = x.shape
         nt, nt0 = ctx["nt"], ctx["nt0"]
         y = correlate_fft(x, ctx["w"].to(dev), nt0)  # (C, L) matched in time
-        A = torch.einsum("scd,dl->scl", ctx["W"].to(dev), y)  # (S, C, L) matched in space
-        # negative-going spikes only: whitening gives big units positive spatial side lobes, which |A| would
-        # turn into spurious detections far from the unit
-        Amax = A.amax(0)
+        # matched in space: the best of the envelope sizes, one size at a time so that only one (C, L) score
+        # array is alive. Negative-going spikes only: whitening gives big units positive spatial side lobes,
+        # which |A| would turn into spurious detections far from the unit.
+        Wsp = ctx["W"].to(dev)
+        Amax = Wsp[0] @ y
+        for i in range(1, Wsp.shape[0]):
+            torch.maximum(Amax, Wsp[i] @ y, out=Amax)
         # local maximum over ±nt0 samples (per channel), then over the ~100 µm neighbourhood — the latter only
         # at the few candidate samples, through the time-pooled array
         pooled = F.max_pool1d(Amax[None], 2 * nt0 + 1, stride=1, padding=nt0)[0]
@@ -117,7 +120,7 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, np
         nC = ctx["nearC"].shape[1]
         if n == 0:
             return _empty(nC, ctx["pcs"].shape[0])
-        amp = A[:, c, t].amax(0)
+        amp = Amax[c, t]
         chans = ctx["nearC"].to(dev)[c]  # (n, nC)
         vals = y[chans, t[:, None]].clamp_min(0)
         pos = ctx["pos"].to(dev)

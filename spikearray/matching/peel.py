@@ -64,6 +64,9 @@ def low_rank(templates: np.ndarray, rank: int, tol: float = 1.0) -> tuple[np.nda
     return spatial.astype(np.float32), temporal.astype(np.float32), rows_k.astype(np.int64)
 
 
+_ROW_GROUP = 48
+
+
 def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any]:
     dev = ctx["device"]
     with torch_threads(ctx["threads"]):
@@ -74,10 +77,12 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
         K = Ur.shape[0]
         # B[k, t] = Σ_rows(k) (S_row · x) ⋆ T_row: one matrix product over channels, the rows' FFTs, and the
         # sum over each template's rows in the frequency domain (K inverse FFTs instead of one per row)
-        Z = S @ x
         n = fast_len(L + nt)
-        spec = torch.fft.rfft(Z, n=n) * _filter_spectrum(ctx, n, dev)
-        Bf = torch.zeros((K, spec.shape[1]), dtype=spec.dtype, device=dev).index_add_(0, rows, spec)
+        filt = _filter_spectrum(ctx, n, dev)
+        Bf = torch.zeros((K, n // 2 + 1), dtype=filt.dtype, device=dev)
+        for g in range(0, len(rows), _ROW_GROUP):  # row groups keep the (rows, frequency) arrays small
+            sl = slice(g, g + _ROW_GROUP)
+            Bf.index_add_(0, rows[sl], torch.fft.rfft(S[sl] @ x, n=n) * filt[sl])
         shift = nt - 1 - nt0
         B = torch.fft.irfft(Bf, n=n)[:, shift:shift + L].contiguous()  # (K, L)
         th2 = ctx["th"] ** 2
