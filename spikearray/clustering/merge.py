@@ -18,6 +18,19 @@ from .similarity import template_similarity
 __all__ = ["ccg_merge", "drift_merge", "absorb_fragments", "redundant_units", "remove_duplicates"]
 
 
+def _start(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, max_lag: int | None):
+    """Working copies of the spike table, the identity parent map, and template similarity and lags
+    (``None`` when there is nothing to merge)."""
+    K = len(templates)
+    t = spike_time.astype(np.int64).copy()
+    u = spike_unit.astype(np.int64).copy()
+    parent = np.arange(K)
+    if K < 2:
+        return t, u, parent, None, None
+    sim, lag = template_similarity(templates, max_lag if max_lag is not None else templates.shape[2] // 2)
+    return t, u, parent, sim, lag
+
+
 def ccg_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, sampling_rate: float,
               acg_threshold: float, ccg_threshold: float, min_similarity: float = 0.5,
               max_lag: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,14 +56,10 @@ def ccg_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndar
     parent : ndarray (K,) int64
         For each original unit, the unit it ended up in.
     """
-    K = len(templates)
-    t = spike_time.astype(np.int64).copy()
-    u = spike_unit.astype(np.int64).copy()
-    parent = np.arange(K)
-    if K < 2:
+    t, u, parent, sim, lag = _start(spike_time, spike_unit, templates, max_lag)
+    if sim is None:
         return t, u, parent
-    nt = templates.shape[2]
-    sim, lag = template_similarity(templates, max_lag if max_lag is not None else nt // 2)
+    K = len(templates)
     counts = np.bincount(u, minlength=K)
     members = {k: np.flatnonzero(u == k) for k in range(K)}
     fs = float(sampling_rate)
@@ -106,14 +115,10 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
     -------
     spike_time, spike_unit, parent : as :func:`ccg_merge`.
     """
-    K = len(templates)
-    t = spike_time.astype(np.int64).copy()
-    u = spike_unit.astype(np.int64).copy()
-    parent = np.arange(K)
-    if K < 2 or len(t) == 0:
+    t, u, parent, sim, lag = _start(spike_time, spike_unit, templates, max_lag)
+    if sim is None or len(t) == 0:
         return t, u, parent
-    nt = templates.shape[2]
-    sim, lag = template_similarity(templates, max_lag if max_lag is not None else nt // 2)
+    K = len(templates)
     n_bins = int(t.max() // bin_samples) + 1
     if n_bins < 4:
         return t, u, parent
@@ -167,14 +172,10 @@ def absorb_fragments(spike_time: np.ndarray, spike_unit: np.ndarray, templates: 
     -------
     spike_time, spike_unit, parent : as :func:`ccg_merge`.
     """
-    K = len(templates)
-    t = spike_time.astype(np.int64).copy()
-    u = spike_unit.astype(np.int64).copy()
-    parent = np.arange(K)
-    if K < 2:
+    t, u, parent, sim, lag = _start(spike_time, spike_unit, templates, max_lag)
+    if sim is None:
         return t, u, parent
-    nt = templates.shape[2]
-    sim, lag = template_similarity(templates, max_lag if max_lag is not None else nt // 2)
+    K = len(templates)
     np.fill_diagonal(sim, -np.inf)
     counts = np.bincount(u, minlength=K)
     fs = float(sampling_rate)
