@@ -3,37 +3,50 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 __all__ = ["template_similarity"]
 
 
 def template_similarity(templates: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairwise similarity of templates.
+    """Pairwise similarity of templates and the lag at which it is reached.
+
+    Cross-correlations at every lag at once, by FFT: per frequency, one complex matrix product sums the
+    channel products of all pairs; zero padding to ≥ 2·nt − 1 keeps lags from wrapping around.
 
     Parameters
     ----------
     templates : ndarray (K, C, nt)
-        Templates (any units; each is normalised to unit Frobenius norm).
+        Templates (any units; each is normalised to unit Frobenius norm; all-zero templates score 0).
     max_lag : int
-        Largest lag tried, samples.
+        Largest lag tried, samples (clipped to nt − 1).
 
     Returns
     -------
     sim : ndarray (K, K) float32
-        ``max_lag |Σ_{c,t} a[c,t] b[c,t+lag]|`` for unit-norm ``a``, ``b``; only positive correlation counts.
+        ``max_lag Σ_{c,t} a[c,t+lag] b[c,t]`` for unit-norm ``a``, ``b`` (positive correlation only); symmetric.
     lag : ndarray (K, K) int64
         The best lag: ``b[t] ≈ a[t - lag]`` (b is a delayed by ``lag`` samples).
     """
-    K = len(templates)
+    t = np.asarray(templates, dtype=np.float64)
+    K = len(t)
     if K == 0:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
-    U = torch.from_numpy(np.ascontiguousarray(templates, dtype=np.float32))
-    U = U / U.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
-    # conv1d computes out[a, b, l] = Σ_{c,t} in[a, c, t + l] · w[b, c, t]
-    xc = F.conv1d(F.pad(U, (max_lag, max_lag)), U)  # (K, K, 2*max_lag+1)
-    best, arg = xc.max(dim=2)
-    sim = best.numpy().astype(np.float32)
-    lag = (max_lag - arg).numpy().astype(np.int64)
+    nt = t.shape[2]
+    norm = np.sqrt((t ** 2).sum(axis=(1, 2)))
+    t = t / np.where(norm > 0, norm, 1.0)[:, None, None]
+    L = max(0, min(nt - 1, int(max_lag)))
+    nfft = 1 << int(np.ceil(np.log2(max(2 * nt - 1, 2))))
+    F = np.ascontiguousarray(np.fft.rfft(t, n=nfft, axis=2).astype(np.complex64).transpose(2, 0, 1))  # (nf, K, C)
+    Fh = np.ascontiguousarray(F.conj().transpose(0, 2, 1))  # (nf, C, K)
+    lags = np.r_[0:L + 1, -L:0] if L > 0 else np.array([0])
+    sim = np.empty((K, K), np.float32)
+    lag = np.empty((K, K), np.int64)
+    step = max(1, int(2 ** 26 // max(1, F.shape[0] * K * 8)))  # rows per block: ~64 MB of complex products
+    for i0 in range(0, K, step):
+        cc = np.fft.irfft(np.matmul(F[:, i0:i0 + step], Fh), n=nfft, axis=0)[lags % nfft]  # (n_lags, rows, K)
+        best = cc.argmax(axis=0)
+        sim[i0:i0 + step] = np.take_along_axis(cc, best[None], 0)[0]
+        lag[i0:i0 + step] = -lags[best]
+    sim[norm == 0, :] = 0.0
+    sim[:, norm == 0] = 0.0
     return sim, lag

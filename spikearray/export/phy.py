@@ -24,6 +24,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..clustering.similarity import template_similarity as _similarity
 from ..errors import OutputError
 from ._atomic import atomic_dir
 from .zarr_store import jsonable
@@ -50,29 +51,10 @@ def template_similarity(templates: np.ndarray, *, max_lag: int | None = None) ->
     ndarray of float32, shape (K, K)
         1 on the diagonal for non-zero templates; symmetric.
     """
-    t = np.asarray(templates, dtype=np.float32)
-    K, nt = t.shape[:2]
-    if K == 0:
-        return np.zeros((0, 0), np.float32)
-    norm = np.sqrt((t.astype(np.float64) ** 2).sum(axis=(1, 2)))
-    t = t / np.where(norm > 0, norm, 1.0).astype(np.float32)[:, None, None]
-    L = min(nt - 1, nt // 6 if max_lag is None else int(max_lag))
-    # Cross-correlations at every lag at once: sum over channels of FFT products (one complex matmul per
-    # frequency), zero-padded to >= 2 nt - 1 so that no lag wraps around.
-    nfft = 1 << int(np.ceil(np.log2(max(2 * nt - 1, 2))))
-    F = np.ascontiguousarray(np.fft.rfft(t, n=nfft, axis=1).astype(np.complex64).transpose(1, 0, 2))  # (nf, K, C)
-    Fh = np.ascontiguousarray(F.conj().transpose(0, 2, 1))  # (nf, C, K)
-    lags = np.r_[0:L + 1, nfft - L:nfft] if L > 0 else np.array([0])
-    best = np.empty((K, K), np.float32)
-    step = max(1, int(2**26 // max(1, F.shape[0] * K * 8)))  # rows per block: ~64 MB of complex products
-    for i0 in range(0, K, step):
-        G = np.matmul(F[:, i0:i0 + step], Fh)  # (nf, rows, K)
-        cc = np.fft.irfft(G, n=nfft, axis=0)[lags]  # (n_lags, rows, K)
-        best[i0:i0 + step] = cc.max(axis=0)
-    best = np.maximum(best, best.T)
-    best[norm == 0, :] = 0.0
-    best[:, norm == 0] = 0.0
-    return best.astype(np.float32)
+    t = np.asarray(templates)
+    nt = t.shape[1] if t.ndim == 3 else 1
+    sim, _ = _similarity(np.swapaxes(t, 1, 2), nt // 6 if max_lag is None else int(max_lag))
+    return np.maximum(sim, sim.T)
 
 
 def phy_whitening(W: np.ndarray, templates_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
