@@ -72,7 +72,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     n = truth.sizes["unit"]
     print(f"\naccuracy   {cmp.attrs['n_well_detected']} of {n} planted units well detected (accuracy >= 0.8), "
           f"mean accuracy {float(cmp.accuracy.mean()):.3f}, {cmp.attrs['n_false_positive']} false-positive units")
-    print(f"time       {wall:.1f} s for {args.duration:g} s of recording ({args.duration / wall:.1f}x real time)")
+    print(f"time       {wall:.1f} s to sort {args.duration:g} s of recording ({args.duration / wall:.1f}x faster than real time)")
     print(f"output     {out / 'sorting.zarr'}  (spikearray.open_sorting)\n           {out / 'phy'}  (phy template-gui "
           f"{out / 'phy' / 'params.py'})")
     return 0
