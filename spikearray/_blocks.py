@@ -17,6 +17,8 @@ import numpy as np
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
+from ._compute import release_memory
+
 __all__ = ["map_chunks", "compute_tasks", "ChunkInfo"]
 
 
@@ -132,4 +134,5 @@ def compute_tasks(tasks: list, *, progress: bool = False, desc: str = "", client
         with _TqdmCallback(bar, prefix):
             for i in range(0, len(tasks), window):
                 out.extend(dask.compute(*tasks[i:i + window], scheduler="threads"))
+                release_memory()
     return out

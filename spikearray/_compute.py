@@ -10,7 +10,7 @@ import torch
 
 from .errors import SettingsError
 
-__all__ = ["resolve_device", "torch_threads", "default_torch_threads"]
+__all__ = ["resolve_device", "torch_threads", "default_torch_threads", "release_memory"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -49,3 +49,18 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def release_memory() -> None:
+    """Give freed heap back to the operating system (glibc only; elsewhere nothing to do).
+
+    Chunk kernels allocate and free tens of MB per task from several threads; glibc keeps the freed memory in
+    its per-thread arenas, so without this the process's resident memory creeps up with every chunk and grows
+    with the recording's length instead of staying at a few chunks' worth.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        pass

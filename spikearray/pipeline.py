@@ -20,6 +20,7 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
+from ._compute import release_memory
 from .errors import DataError, OutputExistsError, RecordingError
 from .resume import StageStore, recording_identity
 from .settings import Settings
@@ -39,20 +40,9 @@ class _Timer:
         t0 = time.perf_counter()
         yield
         self.timings[name] = time.perf_counter() - t0
-        _release_memory()
+        release_memory()
         if self.progress:
             print(f"[spikearray] {name} done in {self.timings[name]:.1f} s", flush=True)
-
-
-def _release_memory() -> None:
-    """Give freed heap back to the OS between stages (glibc keeps per-thread arenas otherwise, and the
-    process's resident memory would stay at the largest stage's peak)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-        pass
 
 
 def _time_range(rec: xr.DataArray, s: Settings) -> tuple[xr.DataArray, int]:
