@@ -339,16 +339,11 @@ def write_summary(results: Sequence[SessionResult], path: str | os.PathLike) -> 
 
 
 def settings_from_json(text: str | None) -> dict:
-    """``--settings '{"nblocks": 0}'`` → dict, validated; a clear error otherwise."""
+    """``--settings '{"nblocks": 0}'`` → dict, validated by :meth:`Settings.from_json` (clear errors on bad JSON,
+    unknown names, types and bounds)."""
     from .settings import Settings
 
     if not text:
         return {}
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"--settings is not valid JSON ({e}); expected e.g. '{{\"nblocks\": 5}}'.") from None
-    if not isinstance(d, dict):
-        raise RecipeError(f"--settings must be a JSON object of name: value; got {d!r}.")
-    Settings(**d)
-    return d
+    Settings.from_json(text)
+    return json.loads(text)
