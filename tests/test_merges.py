@@ -1,0 +1,100 @@
+"""Merge passes and template read-back on tiny planted spike tables and arrays."""
+
+import numpy as np
+import xarray as xr
+
+from spikearray._cache import materialize
+from spikearray.clustering.merge import absorb_fragments, ccg_merge, drift_merge, redundant_units, remove_duplicates
+from spikearray.clustering.templates import mean_waveforms
+
+FS = 30000.0
+
+
+def _train(rng, rate, dur, dead=0.003):
+    isi = dead + rng.exponential(1 / rate, int(rate * dur * 2))
+    t = np.cumsum(isi)
+    return np.round(t[t < dur] * FS).astype(np.int64)
+
+
+def _templates(rng, K, C=8, nt=31):
+    base = rng.standard_normal((C, nt))
+    T = np.stack([base + 0.05 * rng.standard_normal((C, nt)) for _ in range(K)])
+    return T.astype(np.float32)
+
+
+def test_ccg_merge_joins_two_halves_of_one_neuron_not_two_neurons():
+    rng = np.random.default_rng(0)
+    one = _train(rng, 10, 60)
+    other = _train(rng, 10, 60)
+    half = rng.random(len(one)) < 0.5
+    t = np.r_[one, other]
+    u = np.r_[np.where(half, 0, 1), np.full(len(other), 2)]
+    T = _templates(rng, 3)
+    _, uu, parent = ccg_merge(t, u, T, sampling_rate=FS, acg_threshold=0.2, ccg_threshold=0.25)
+    assert parent[0] == parent[1]  # halves of one refractory train
+    assert parent[2] != parent[0]  # an independent train with the same template stays apart
+    assert len(np.unique(uu)) == 2
+
+
+def test_drift_merge_joins_pieces_that_take_turns_in_time():
+    rng = np.random.default_rng(1)
+    t = _train(rng, 10, 60)
+    phase = (t // int(5 * FS)) % 2  # alternate every 5 s, as drift-split pieces do
+    other = _train(rng, 10, 60)
+    tt = np.r_[t, other]
+    u = np.r_[phase, np.full(len(other), 2)]
+    T = _templates(rng, 3)
+    _, uu, parent = drift_merge(tt, u, T, bin_samples=int(2 * FS))
+    assert parent[0] == parent[1] and parent[2] == 2
+
+
+def test_absorb_fragments_folds_a_small_refractory_piece():
+    rng = np.random.default_rng(2)
+    t = _train(rng, 10, 60)
+    u = (rng.random(len(t)) < 0.1).astype(np.int64)  # unit 1 holds ~10 % of one neuron's spikes
+    _, uu, parent = absorb_fragments(t, u, _templates(rng, 2), sampling_rate=FS, acg_threshold=0.2)
+    assert parent[1] == 0 and (uu == 0).all()
+    # a fragment whose union would break the refractory period stays apart
+    t2 = np.r_[t, t[::5] + 15]  # 0.5 ms after a tenth of the big unit's spikes
+    u2 = np.r_[np.zeros(len(t), np.int64), np.ones(len(t[::5]), np.int64)]
+    _, _, parent2 = absorb_fragments(t2, u2, _templates(rng, 2), sampling_rate=FS, acg_threshold=0.2)
+    assert parent2[1] == 1
+
+
+def test_redundant_units_flags_residual_catchers_only():
+    rng = np.random.default_rng(3)
+    big = _train(rng, 10, 60)
+    catcher = big[::3] + 3  # sits 0.1 ms after a third of the big unit's spikes
+    independent = _train(rng, 3, 60)
+    t = np.r_[big, catcher, independent]
+    u = np.r_[np.zeros(len(big)), np.ones(len(catcher)), np.full(len(independent), 2)].astype(np.int64)
+    drop = redundant_units(t, u, 3, delta=12)
+    assert drop.tolist() == [False, True, False]
+
+
+def test_remove_duplicates_keeps_the_first_of_close_spikes_per_unit():
+    t = np.array([100, 103, 104, 110, 200, 201])
+    u = np.array([0, 0, 1, 0, 0, 1])
+    keep = remove_duplicates(t, u, 7)
+    # unit 0: 100 kept, 103 dropped (3 after the last kept), 110 kept (10 after 100), 200 kept; unit 1 all kept
+    assert keep.tolist() == [True, False, True, True, True, True]
+
+
+def test_mean_waveforms_recover_planted_waveforms_and_materialize_round_trips(tmp_path):
+    rng = np.random.default_rng(4)
+    n, C, nt, nt0 = 60000, 6, 21, 7
+    x = (0.1 * rng.standard_normal((n, C))).astype(np.float32)
+    W = rng.standard_normal((2, nt, C)).astype(np.float32) * 5
+    times = np.sort(rng.choice(np.arange(100, n - 100, 40), 300, replace=False))
+    labels = rng.integers(0, 2, 300)
+    for t, k in zip(times, labels):
+        x[t - nt0:t - nt0 + nt] += W[k]
+    import dask.array as da
+
+    white = xr.DataArray(da.from_array(x, chunks=(10000, C)), dims=("time", "channel"))
+    means, counts = mean_waveforms(white, times, labels, 2, nt=nt, nt0=nt0, n_chunks=6)
+    assert counts.sum() == 300
+    np.testing.assert_allclose(means, W.transpose(0, 2, 1), atol=0.05)
+    back = materialize(white, tmp_path / "copy.int16")
+    np.testing.assert_allclose(back.values, x, atol=0.5 / 200 + 1e-6)
+    assert back.chunks == white.chunks and not list(tmp_path.glob("*.partial"))
