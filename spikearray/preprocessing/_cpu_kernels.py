@@ -113,28 +113,42 @@ def _select(buf, n, k):
     return buf[k]
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _row_moments(row):
+    """Sum and sum of squares of one row (float32; only used to bracket the median, so rounding is harmless)."""
+    s = np.float32(0.0)
+    s2 = np.float32(0.0)
+    for ch in range(row.shape[0]):
+        v = row[ch]
+        s += v
+        s2 += v * v
+    return s, s2
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _subtract(row, out, value):
+    for ch in range(row.shape[0]):
+        out[ch] = row[ch] - value
+
+
 @numba.njit(cache=True, nogil=True)
 def median_subtract_block(x, out, med):
     """``out[t] = x[t] - lower_median(x[t])`` for every row; ``med`` (n,) float32 receives the medians.
 
-    ``x`` and ``out`` are ``(n, c)`` float32 and may be the same array.
+    ``x`` and ``out`` are ``(n, c)`` float32 and may be the same array. The mean and SD that place the bracket are
+    computed with reordered (vectorised) float32 sums; the median itself is always an exact selection.
     """
     n, c = x.shape
     k = (c - 1) // 2
     buf = np.empty(c, dtype=np.float32)
     for t in range(n):
         row = x[t]
-        s = 0.0
-        s2 = 0.0
-        for ch in range(c):
-            v = np.float64(row[ch])
-            s += v
-            s2 += v * v
+        s, s2 = _row_moments(row)
         mu = s / c
         var = s2 / c - mu * mu
-        w = 0.15 * np.sqrt(var if var > 0.0 else 0.0)
-        lo = np.float32(mu - w)
-        hi = np.float32(mu + w)
+        w = np.float32(0.15) * np.sqrt(var if var > 0.0 else np.float32(0.0))
+        lo = mu - w
+        hi = mu + w
         below = 0
         m = 0
         for ch in range(c):
@@ -150,7 +164,5 @@ def median_subtract_block(x, out, med):
                 buf[ch] = row[ch]
             value = _select(buf, c, k)
         med[t] = value
-        o = out[t]
-        for ch in range(c):
-            o[ch] = row[ch] - value
+        _subtract(row, out[t], value)
     return out

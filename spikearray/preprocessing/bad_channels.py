@@ -20,7 +20,8 @@ class BadChannelWarning(UserWarning):
     """Dead or very noisy channels were found (they are listed in the output's ``bad_channels`` attr)."""
 
 
-def _robust_sd(x: np.ndarray) -> np.ndarray:
+def robust_sd(x: np.ndarray) -> np.ndarray:
+    """Per-channel robust noise SD ``median(|x|) / 0.6745`` of a ``(n, c)`` block (every 8th sample), µV."""
     # every 8th sample is plenty for a per-channel median and keeps this cheap next to the filtering itself
     sub = np.abs(np.asarray(x[::8], dtype=np.float32)).T.copy()  # channel-major: median along contiguous rows
     return np.median(sub, axis=1) / 0.6745
@@ -29,7 +30,7 @@ def _robust_sd(x: np.ndarray) -> np.ndarray:
 def bad_channel_tasks(rec: xr.DataArray, windows: list[tuple[int, int]]) -> list:
     """Delayed per-window robust SDs ``(n_channels,)`` of ``rec`` (already high-passed)."""
     data = as_dask(rec)
-    return [dask.delayed(_robust_sd)(data[a:b]) for a, b in windows]
+    return [dask.delayed(robust_sd)(data[a:b]) for a, b in windows]
 
 
 def classify_bad_channels(rec: xr.DataArray, sds: list[np.ndarray], *, dead_threshold: float,

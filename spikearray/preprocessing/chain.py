@@ -11,11 +11,11 @@ from ..errors import SettingsError
 from ..settings import Settings
 from ._common import check_recording, derive_attrs
 from ._graph import as_dask, map_time_blocks, map_time_overlap, sample_windows, wrap_like
-from ._kernels import band_blocks, whiten_block
-from .bad_channels import bad_channel_tasks, classify_bad_channels, warn_bad_channels
+from ._kernels import band_blocks, covariance_block, median_subtract, reference_whiten_inplace, whiten_block
+from .bad_channels import classify_bad_channels, robust_sd, warn_bad_channels
 from .filters import highpass_stage
 from .reference import reference_stage
-from .whitening import covariance_tasks, matrix_from_estimates, needed_pairs, neighbourhoods, whiten_record
+from .whitening import matrix_from_estimates, needed_pairs, neighbourhoods, whiten_record
 
 __all__ = ["preprocess"]
 
@@ -78,18 +78,19 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
     do_car = bool(settings.do_CAR)
     data = as_dask(rec)
 
-    # lazy intermediates for the sampled global estimates (only the sampled windows get computed)
+    # lazy referenced traces: only needed again if dead channels push a neighbourhood outside the banded pairs
     hp_data = map_time_overlap(hp_run, data, halo)
-    hp = wrap_like(rec, hp_data, derive_attrs(rec, units="uV", stages=[hp_record]))
-    # the referenced windows reuse the filtered chunks' tasks (one filter pass over the sample)
-    ref = wrap_like(rec, map_time_blocks(car_run, hp_data) if do_car else hp_data, dict(hp.attrs, units="uV"))
+    ref = wrap_like(rec, map_time_blocks(car_run, hp_data) if do_car else hp_data,
+                    derive_attrs(rec, units="uV", stages=[hp_record]))
     windows = sample_windows(rec.sizes["time"], batch_size=int(settings.batch_size), nskip=int(settings.nskip),
                              seed=int(settings.seed))
     pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, int(settings.whitening_range)))
-    cov_tasks = covariance_tasks(ref, windows, device=dev, threads=threads, pairs=pairs)
-    results = dask.compute(*cov_tasks, *bad_channel_tasks(hp, windows))
-    covs, sds = list(results[:len(cov_tasks)]), list(results[len(cov_tasks):])
-    bad = classify_bad_channels(hp, sds, dead_threshold=dead_threshold, noisy_threshold=noisy_threshold)
+    tasks = _window_estimates(data, windows, hp_run, halo, do_car=do_car, device=dev, threads=threads,
+                              cov_blocks=band_blocks(pairs))
+    results = dask.compute(*tasks)
+    covs = [(cov, n) for cov, n, _ in results]
+    sds = [sd for _, _, sd in results]
+    bad = classify_bad_channels(ref, sds, dead_threshold=dead_threshold, noisy_threshold=noisy_threshold)
     warn_bad_channels(bad, what="preprocess")
     matrix = matrix_from_estimates(ref, covs, bad, whitening_range=int(settings.whitening_range),
                                    nskip=int(settings.nskip), batch_size=int(settings.batch_size), windows=windows,
@@ -101,13 +102,13 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
         y = hp_run(x, start, pad_left, pad_right, at_start, at_end)
         # the halo rows are trimmed by dask afterwards; skip referencing/whitening them
         core = y[pad_left:len(y) - pad_right]
+        if dev.type == "cpu":
+            reference_whiten_inplace(core, w, blocks, median=do_car, threads=threads)
+            return y
         if do_car:
             core = car_run(core, start + pad_left)
-        out = np.empty_like(y)
-        out[:pad_left] = 0.0
-        out[len(y) - pad_right:] = 0.0
-        out[pad_left:len(y) - pad_right] = whiten_block(core, w, blocks, device=dev, threads=threads)
-        return out
+        y[pad_left:len(y) - pad_right] = whiten_block(core, w, blocks, device=dev, threads=threads)
+        return y
 
     stages = []
     if settings.invert_sign:
@@ -116,3 +117,29 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
     attrs = derive_attrs(rec, units="whitened", stages=stages,
                          extra={"bad_channels": {"dead": bad["dead"], "noisy": bad["noisy"]}})
     return wrap_like(rec, map_time_overlap(fused, data, halo), attrs), matrix
+
+
+def _window_estimates(data, windows: list[tuple[int, int]], hp_run, halo: int, *, do_car: bool, device, threads,
+                      cov_blocks) -> list:
+    """One delayed task per sampled window: ``(X.T @ X of the referenced window, n_samples, robust SD of the filtered
+    window per channel)``.
+
+    Each task reads its window plus the filter halo straight from the recording and filters it once, whatever the
+    chunking (the windows are in samples; going through the chunked filtered array would filter every chunk a
+    window touches, and its neighbours' reads, several times over).
+    """
+    n_total = int(data.shape[0])
+
+    def one(x: np.ndarray, start: int, pad_left: int, pad_right: int) -> tuple[np.ndarray, int, np.ndarray]:
+        y = hp_run(x, start, pad_left, pad_right, start == 0, start + len(x) == n_total)
+        core = y[pad_left:len(y) - pad_right]
+        sd = robust_sd(core)
+        if do_car:
+            core = median_subtract(core, device=device, threads=threads, out=core)
+        return covariance_block(core, device=device, threads=threads, blocks=cov_blocks), len(core), sd
+
+    tasks = []
+    for a, b in windows:
+        pl, pr = min(halo, a), min(halo, n_total - b)
+        tasks.append(dask.delayed(one)(data[a - pl:b + pr], a - pl, pl, pr))
+    return tasks
