@@ -19,7 +19,8 @@ from spikearray.preprocessing import (BadChannelWarning, common_reference, detec
                                       preprocess, whiten, whitening_matrix)
 from spikearray.preprocessing._cpu_kernels import median_subtract_block
 from spikearray.preprocessing._graph import sample_windows
-from spikearray.preprocessing._kernels import band_blocks, highpass_halo
+from spikearray.preprocessing._kernels import (band_blocks, highpass_halo, median_subtract,
+                                               reference_whiten_inplace, whiten_block)
 from spikearray.synthetic import generate_recording, probe_layout
 
 FS = 30000.0
@@ -141,6 +142,26 @@ def test_median_kernel_exact_including_bracket_misses(c):
     np.testing.assert_array_equal(out, x - expected[:, None])
 
 
+@pytest.mark.parametrize("median", [True, False])
+@pytest.mark.parametrize("n, tile", [(2500, 1024), (1024, 1024), (5, 1024), (700, 64)])
+def test_tiled_inplace_reference_whitening_equals_the_two_kernels(n, tile, median):
+    rng = np.random.default_rng(n + tile)
+    c = 96
+    y = (rng.standard_normal((n, c)) * 30).astype(np.float32)
+    w = np.triu(np.tril(rng.standard_normal((c, c)), 12), -12).astype(np.float32)
+    blocks = band_blocks(w)
+    cpu = torch.device("cpu")
+    ref = median_subtract(y, device=cpu) if median else y
+    expected = whiten_block(ref, w, blocks, device=cpu)
+    got = y.copy()
+    assert reference_whiten_inplace(got, w, blocks, median=median, tile=tile) is got
+    # the same products row by row (bit-identical with torch's CPU BLAS; allow float32 rounding elsewhere)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(got, ref.astype(np.float64) @ w.T.astype(np.float64), rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        reference_whiten_inplace(y[:, ::2], w[::2, ::2], band_blocks(w[::2, ::2]), median=median)
+
+
 def test_whitening_makes_local_noise_white(rec48):
     rec, truth = rec48
     settings = sa.Settings(whitening_range=16, batch_size=30000)
@@ -207,6 +228,9 @@ def test_preprocess_equals_the_stage_composition_and_is_chunk_invariant(rec8):
     other, w2 = preprocess(rec.chunk({"time": int(0.7 * FS)}), settings)
     np.testing.assert_allclose(w2.values, w.values, rtol=0, atol=1e-6)
     assert np.abs(other.values - out).max() < 1e-4
+    # the per-window estimate inside preprocess equals the public matrix computed from the chunked stages
+    public = whitening_matrix(common_reference(highpass(rec)), whitening_range=8, batch_size=30000)
+    np.testing.assert_allclose(w.values, public.values, rtol=0, atol=1e-5)
     # whitening matrix convention: out[t, i] = sum_j W[i, j] x[t, j]
     car = common_reference(highpass(rec)).values.astype(np.float64)
     np.testing.assert_allclose(out, car @ w.values.astype(np.float64).T, atol=2e-3)

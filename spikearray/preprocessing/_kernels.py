@@ -190,7 +190,8 @@ def reference_whiten_inplace(y: np.ndarray, w: np.ndarray, blocks: list[tuple[in
                              median: bool, tile: int = 1024, threads: int | None = None) -> np.ndarray:
     """CPU: subtract the per-sample median across channels (if ``median``), then whiten, in place, tile by tile.
 
-    Same result as :func:`median_subtract` followed by :func:`whiten_block`, bit for bit, but each tile of
+    Same result as :func:`median_subtract` followed by :func:`whiten_block` (bit for bit with torch's CPU BLAS:
+    tiling rows does not change any dot product's summation order), but each tile of
     ``tile`` rows (~1.5 MB at 384 channels) is referenced into a scratch buffer and multiplied back into ``y``
     while it is still in cache, and no block-sized temporaries are allocated (their page faults cost as much as
     the arithmetic on a 2 s chunk).
