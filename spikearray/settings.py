@@ -220,6 +220,8 @@ class Settings:
         object.__setattr__(self, "_values", {p.name: _check(p, values.get(p.name, p.default)) for p in PARAMETERS})
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_values":  # not a parameter (and not set yet while unpickling)
+            raise AttributeError(name)
         try:
             return self._values[name]
         except KeyError:
@@ -229,6 +231,10 @@ class Settings:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Settings are immutable; use settings.replace(name=value).")
+
+    def __reduce__(self) -> tuple:
+        # pickling (dask-distributed workers, multiprocessing, copy) rebuilds through the validating constructor
+        return (_settings_from_values, (dict(self._values),))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Settings) and self._values == other._values
@@ -297,3 +303,8 @@ class Settings:
     def duplicate_spike_bins(self, sampling_rate: float) -> int:
         """``duplicate_spike_ms`` in samples at ``sampling_rate`` Hz."""
         return int(self.duplicate_spike_ms * sampling_rate / 1000)
+
+
+def _settings_from_values(values: dict[str, Any]) -> Settings:
+    """Unpickling helper for :class:`Settings` (a module-level function so pickle can name it)."""
+    return Settings(**values)

@@ -61,3 +61,16 @@ def test_settings_are_immutable_and_table_is_complete():
     names = {p.name for p in PARAMETERS}
     assert {"Th_single_ch", "max_peels", "cluster_neighbors", "position_limit", "device"} <= names
     assert set(s.to_dict()) == names
+
+
+def test_settings_pickle_and_copy_round_trip():
+    # dask-distributed ships Settings to worker processes by pickling them
+    import copy
+    import pickle
+
+    s = Settings(Th_learned=7, nblocks=3, device="cpu")
+    back = pickle.loads(pickle.dumps(s))
+    assert back == s and back.Th_learned == 7 and back.nblocks == 3
+    assert copy.deepcopy(s) == s and copy.copy(s) == s
+    with pytest.raises(AttributeError, match="immutable"):
+        back.nblocks = 4
