@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from spikearray._blocks import ChunkInfo
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.splitmerge import bimodality_score, split_merge
 from spikearray.detection.detect import correlate_fft, fast_len
-from spikearray.matching.peel import _match_block, low_rank
+from spikearray.matching.peel import _context, _match_block, low_rank, sparsify
 from spikearray.metrics.groundtruth import compare_to_truth
 from spikearray.metrics.refractory import ccg_metrics, correlogram, is_refractory
 
@@ -30,16 +29,11 @@ def test_fast_len_and_fft_correlation_match_numpy():
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
-def _ctx(U, pcs, th=1.0):
-    sp, tm, rows = low_rank(U, 6)
+def _ctx(U, pcs, th=1.0, drop_tol=0.0, positions=None):
     K, C, nt = U.shape
-    Ur = np.zeros_like(U, dtype=np.float64)
-    np.add.at(Ur, rows, sp[:, :, None].astype(float) * tm[:, None, :])
-    Ut = torch.from_numpy(Ur.astype(np.float32))
-    return dict(device=torch.device("cpu"), threads=1, nt=nt, nt0=20, th=th, max_peels=20, S=torch.from_numpy(sp),
-                Tm=torch.from_numpy(tm), rows=torch.from_numpy(rows), Ur=Ut, nm=(Ut ** 2).sum((1, 2)),
-                ctc=F.conv1d(F.pad(Ut, (nt - 1, nt - 1)), Ut), nearU=torch.zeros((K, 4), dtype=torch.long),
-                pcs=torch.from_numpy(pcs))
+    pos = positions if positions is not None else np.c_[np.zeros(C), 20.0 * np.arange(C)]
+    return _context(U, pcs, np.zeros((K, 4), dtype=np.int64), pos, th=th, max_peels=20, nt0=20,
+                    device=torch.device("cpu"), threads=1, rank=6, drop_tol=drop_tol)
 
 
 def test_matching_pursuit_recovers_overlapping_planted_spikes():
@@ -60,6 +54,43 @@ def test_matching_pursuit_recovers_overlapping_planted_spikes():
     np.testing.assert_allclose([g[2] for g in got], [w[2] for w in want], rtol=0.02)
     # everything explained: the per-template means equal the planted templates × mean amplitude
     np.testing.assert_allclose(out["sums"][1], 2.0 * U[1], atol=2e-2)
+
+
+def test_sparse_matching_on_a_long_probe_equals_dense_and_drops_far_noise():
+    """Localised units on a 96-channel shank whose mean templates carry estimation noise everywhere: the sparse
+    templates keep a compact disc around each peak, and matching finds the same planted spikes as dense."""
+    rng = np.random.default_rng(3)
+    K, C, nt, nt0, L = 4, 96, 61, 20, 6000
+    pos = np.c_[np.zeros(C), 20.0 * np.arange(C)]
+    pcs = np.linalg.qr(rng.standard_normal((nt, 6)))[0].T.astype(np.float32)
+    wave = np.exp(-0.5 * ((np.arange(nt) - nt0) / 3.0) ** 2) * -1.0
+    centres = [10, 35, 60, 85]
+    U = np.zeros((K, C, nt), np.float32)
+    for k, c0 in enumerate(centres):
+        U[k] = 12.0 * np.exp(-0.5 * ((np.arange(C) - c0) / 2.0) ** 2)[:, None] * wave[None, :]
+    noisy = U + 0.05 * rng.standard_normal(U.shape).astype(np.float32)  # what a mean over a few hundred spikes holds
+    sp, tm, rows = low_rank(noisy, 6, tol=3.0)
+    kept = sparsify(sp, rows, K, 3.0, pos)
+    chans = [np.flatnonzero((kept[rows == k] != 0).any(0)) for k in range(K)]
+    for k, ch in enumerate(chans):
+        assert centres[k] in ch and 3 <= len(ch) <= 24, (k, ch)
+        assert ch.max() - ch.min() + 1 == len(ch)  # a compact stretch around the peak, no stray channels
+    # dropping the far channels removes estimation noise, not signal: the sparse low-rank template is closer
+    # to the true one than the noisy mean it came from
+    Ur = np.zeros((K, C, nt))
+    np.add.at(Ur, rows, kept[:, :, None].astype(float) * tm[:, None, :])
+    for k in range(K):
+        assert np.linalg.norm(Ur[k] - U[k]) < 0.6 * np.linalg.norm(noisy[k] - U[k])
+    x = 0.5 * rng.standard_normal((C, L)).astype(np.float32)
+    planted = [(300, 0, 1.0), (310, 1, 1.2), (2000, 2, 0.8), (2030, 2, 1.1), (4000, 3, 1.0), (5000, 0, 0.9)]
+    for t, k, a in planted:
+        x[:, t - nt0:t - nt0 + nt] += a * U[k]
+    dense = _match_block(x.T.copy(), ChunkInfo(0, L, 0), _ctx(noisy, pcs, th=6.0, positions=pos))
+    sparse = _match_block(x.T.copy(), ChunkInfo(0, L, 0), _ctx(noisy, pcs, th=6.0, drop_tol=3.0, positions=pos))
+    for out in (dense, sparse):
+        got = sorted(zip(out["time"].tolist(), out["template"].tolist()))
+        assert got == sorted((t, k) for t, k, _ in planted)
+    np.testing.assert_allclose(sparse["amplitude"], dense["amplitude"], rtol=0.05)
 
 
 def test_low_rank_keeps_few_components_for_rank_one_templates():
