@@ -12,7 +12,7 @@ from ..errors import DataError, ProbeMismatchError, SettingsError
 from ._common import check_finite, check_recording, derive_attrs, json_friendly, uV_gains
 from ._graph import as_dask, map_time_blocks, sample_windows, wrap_like
 from ._kernels import band_blocks, covariance_block, whiten_block
-from .bad_channels import bad_channel_tasks, classify_bad_channels, warn_bad_channels
+from .bad_channels import classify_bad_channels, robust_sd, warn_bad_channels
 
 __all__ = ["whitening_matrix", "whiten", "local_zca", "neighbourhoods", "needed_pairs", "covariance_tasks",
            "matrix_from_estimates"]
@@ -110,19 +110,23 @@ def local_zca(cov: np.ndarray, x: np.ndarray, y: np.ndarray, *, whitening_range:
 
 
 def covariance_tasks(rec: xr.DataArray, windows: list[tuple[int, int]], *, device: torch.device,
-                     threads: int | None, pairs: np.ndarray | None = None) -> list:
+                     threads: int | None, pairs: np.ndarray | None = None, with_sd: bool = False) -> list:
     """Delayed ``(X.T @ X, n_samples)`` of each window of ``rec`` (float µV or whitened data).
 
     With a ``pairs`` mask only the band of entries it needs is computed (the rest stays 0), which for local
-    whitening on a depth-ordered probe is several times cheaper than the full product.
+    whitening on a depth-ordered probe is several times cheaper than the full product. With ``with_sd`` each
+    task also returns the window's per-channel robust SD (:func:`.bad_channels.robust_sd`) as a third item:
+    one task per window, so a lazy upstream stage computes each window once (a separate robust-SD task per
+    window made dask filter every window twice).
     """
     data = as_dask(rec)
     gain = uV_gains(rec)
     blocks = band_blocks(pairs) if pairs is not None else None
 
-    def cov(x: np.ndarray) -> tuple[np.ndarray, int]:
+    def cov(x: np.ndarray) -> tuple:
         xf = np.asarray(x, dtype=np.float32) * gain if x.dtype.kind not in "f" or not np.all(gain == 1) else x
-        return covariance_block(xf, device=device, threads=threads, blocks=blocks), len(x)
+        out = (covariance_block(xf, device=device, threads=threads, blocks=blocks), len(x))
+        return out + (robust_sd(x),) if with_sd else out
 
     return [dask.delayed(cov)(data[a:b]) for a, b in windows]
 
@@ -204,13 +208,11 @@ def whitening_matrix(rec: xr.DataArray, *, whitening_range: int = 32, nskip: int
     threads = torch_threads or default_torch_threads()
     windows = sample_windows(rec.sizes["time"], batch_size=batch_size, nskip=nskip, seed=seed)
     pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, whitening_range))
-    tasks = covariance_tasks(rec, windows, device=dev, threads=threads, pairs=pairs)
+    results = dask.compute(*covariance_tasks(rec, windows, device=dev, threads=threads, pairs=pairs,
+                                             with_sd=bad_channels is None))
+    covs = [r[:2] for r in results]
     if bad_channels is None:
-        results = dask.compute(*tasks, *bad_channel_tasks(rec, windows))
-        covs, sds = list(results[:len(tasks)]), list(results[len(tasks):])
-        bad_channels = classify_bad_channels(rec, sds, dead_threshold=0.1, noisy_threshold=5.0)
-    else:
-        covs = list(dask.compute(*tasks))
+        bad_channels = classify_bad_channels(rec, [r[2] for r in results], dead_threshold=0.1, noisy_threshold=5.0)
     warn_bad_channels(bad_channels, what="whitening_matrix")
     return matrix_from_estimates(rec, covs, bad_channels, whitening_range=whitening_range, nskip=nskip,
                                  batch_size=batch_size, windows=windows, eps=eps, symmetric=symmetric, pairs=pairs)
