@@ -180,8 +180,9 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
     ur_near = np.take_along_axis(Ur, nearU[:, :, None], axis=1) if K else np.zeros((0, nearU.shape[1], nt), np.float32)
     return {
         "device": device, "threads": threads, "nt": nt, "nt0": int(nt0), "th": float(th), "max_peels": int(max_peels),
-        "S": torch.from_numpy(spatial), "Tm": torch.from_numpy(temporal), "rows": torch.from_numpy(rows),
-        "groups": [(r0, r1, torch.from_numpy(ch)) for r0, r1, ch in groups],
+        "Tm": torch.from_numpy(temporal), "rows": torch.from_numpy(rows),
+        "row_ranges": [(r0, r1) for r0, r1, _ in groups],
+        "group_channels": [torch.from_numpy(ch) for _, _, ch in groups],
         "S_groups": [torch.from_numpy(np.ascontiguousarray(spatial[r0:r1][:, ch])) for r0, r1, ch in groups],
         "Ur": Ut, "inv_norm": torch.from_numpy(inv_norm),
         "nb": torch.from_numpy(nb), "ctc_nb": torch.from_numpy(np.ascontiguousarray(ctc_nb, np.float32)),
@@ -199,35 +200,34 @@ def _valid_mask(mask: np.ndarray) -> np.ndarray:
     return (np.arange(width)[None, :] < counts[:, None]).astype(np.float32)
 
 
-def _subtract_scores(bs: torch.Tensor, t: torch.Tensor, k: torch.Tensor, a: torch.Tensor, ctx: dict,
-                     dl: torch.Tensor) -> None:
-    """``bs[j, t + δ] -= a · ctc[k, j, δ] / |U_j|`` for every fitted spike and every template j overlapping k."""
-    L = bs.shape[1]
-    flat = bs.view(-1)
-    nb, ctc_nb = ctx["nb_d"], ctx["ctc_nb_d"]
+def _subtract_windows(target: torch.Tensor, t: torch.Tensor, k: torch.Tensor, a: torch.Tensor, rows: torch.Tensor,
+                      values: torch.Tensor, offsets: torch.Tensor) -> None:
+    """``target[rows[k, i], t + offsets[d]] -= a · values[k, i, d]`` for every fitted spike ``(t, k, a)``.
+
+    ``target`` is a contiguous ``(R, L)`` tensor; ``rows`` ``(K, I)`` and ``values`` ``(K, I, D)`` list, per
+    template, the rows it touches (padded entries carry zero values). Spikes go in batches so the index
+    arrays stay small. Used for the scores (rows: overlapping templates, values: their cross-correlations) and
+    for the residual (rows: the template's channels, values: its waveform there).
+    """
+    L = target.shape[1]
+    flat = target.view(-1)
     for b0 in range(0, len(t), _SPIKE_BATCH):
         tb, kb, ab = t[b0:b0 + _SPIKE_BATCH], k[b0:b0 + _SPIKE_BATCH], a[b0:b0 + _SPIKE_BATCH]
-        idx = nb[kb][:, :, None] * L + (tb[:, None] + dl[None, :])[:, None, :]
-        flat.index_add_(0, idx.reshape(-1), (ctc_nb[kb] * (-ab)[:, None, None]).reshape(-1))
-
-
-def _subtract_residual(x: torch.Tensor, t0: torch.Tensor, k: torch.Tensor, a: torch.Tensor, ctx: dict,
-                       tau: torch.Tensor) -> None:
-    """``x[c, t0 + τ] -= a · U_k[c, τ]`` on each fitted template's own channels."""
-    L = x.shape[1]
-    flat = x.view(-1)
-    chan, ur_nb = ctx["chan_d"], ctx["ur_nb_d"]
-    for b0 in range(0, len(t0), _SPIKE_BATCH):
-        tb, kb, ab = t0[b0:b0 + _SPIKE_BATCH], k[b0:b0 + _SPIKE_BATCH], a[b0:b0 + _SPIKE_BATCH]
-        idx = chan[kb][:, :, None] * L + (tb[:, None] + tau[None, :])[:, None, :]
-        flat.index_add_(0, idx.reshape(-1), (ur_nb[kb] * (-ab)[:, None, None]).reshape(-1))
+        idx = rows[kb][:, :, None] * L + (tb[:, None] + offsets[None, :])[:, None, :]
+        flat.index_add_(0, idx.reshape(-1), (values[kb] * (-ab)[:, None, None]).reshape(-1))
 
 
 def _on_device(ctx: dict, dev: torch.device) -> dict:
-    """The context's tensors on ``dev`` (cached in the context per device, under ``<name>_d`` keys)."""
+    """The context's tensors (and lists of tensors) on ``dev``, cached in the context per device under
+    ``<name>_d`` keys, so chunks do not copy them again."""
     key = ("on", str(dev))
     if ctx.get(key) is None:
-        moved = {f"{k}_d": v.to(dev) for k, v in list(ctx.items()) if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        moved = {}
+        for k, v in list(ctx.items()):
+            if isinstance(k, str) and isinstance(v, torch.Tensor):
+                moved[f"{k}_d"] = v.to(dev)
+            elif isinstance(k, str) and isinstance(v, list) and all(isinstance(t, torch.Tensor) for t in v):
+                moved[f"{k}_d"] = [t.to(dev) for t in v]
         ctx[key] = moved
     return {**ctx, **ctx[key]}
 
@@ -246,8 +246,8 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
         n = fast_len(L + nt)
         filt = _filter_spectrum(ctx, n, dev)
         Bf = torch.zeros((K, n // 2 + 1), dtype=filt.dtype, device=dev)
-        for (r0, r1, chans), s_g in zip(ctx["groups"], ctx["S_groups"]):
-            y = s_g.to(dev) @ x.index_select(0, chans.to(dev))
+        for (r0, r1), chans, s_g in zip(ctx["row_ranges"], c["group_channels_d"], c["S_groups_d"]):
+            y = s_g @ x.index_select(0, chans)
             Bf.index_add_(0, rows[r0:r1], torch.fft.rfft(y, n=n) * filt[r0:r1])
         shift = nt - 1 - nt0
         # the loop keeps bs = B / |U| so that Cf = relu(bs)² and the best template is an argmax of bs
@@ -274,8 +274,10 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
             ids.append(k)
             amps.append(a)
             scores.append(Cfmax[t].sqrt())
-            _subtract_scores(bs, t, k, a, c, dl)
-            _subtract_residual(x, t - nt0, k, a, c, tau)
+            # scores: bs[j, t+δ] -= a · ctc[k, j, δ] / |U_j| over the templates j overlapping k
+            _subtract_windows(bs, t, k, a, c["nb_d"], c["ctc_nb_d"], dl)
+            # residual data: x[c, t - nt0 + τ] -= a · U_k[c, τ] on k's own channels
+            _subtract_windows(x, t - nt0, k, a, c["chan_d"], c["ur_nb_d"], tau)
             # only the columns within one template length of a fitted spike changed: refresh their maximum there
             mark.zero_()
             mark[(t[:, None] + dl[None, :]).reshape(-1)] = True
