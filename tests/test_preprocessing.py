@@ -343,3 +343,22 @@ def test_plot_traces_one_line_per_channel(small_recording):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_covariance_tasks_with_sd_match_numpy_per_window(small_recording):
+    from spikearray.preprocessing.bad_channels import robust_sd
+    from spikearray.preprocessing.whitening import covariance_tasks
+
+    hp = highpass(small_recording[0])
+    n = hp.sizes["time"]
+    windows = [(0, n // 3), (n // 2, n)]
+    x = hp.values
+    got = dask.compute(*covariance_tasks(hp, windows, device=torch.device("cpu"), threads=1, with_sd=True))
+    plain = dask.compute(*covariance_tasks(hp, windows, device=torch.device("cpu"), threads=1))
+    for (a, b), (cov, count, sd), (cov2, count2) in zip(windows, got, plain):
+        xs = x[a:b].astype(np.float64)
+        assert count == count2 == b - a
+        np.testing.assert_allclose(cov, xs.T @ xs, rtol=1e-4, atol=1e-2)
+        np.testing.assert_array_equal(cov, cov2)
+        np.testing.assert_allclose(sd, np.median(np.abs(x[a:b][::8]), axis=0) / 0.6745, rtol=1e-6)
+        np.testing.assert_array_equal(sd, robust_sd(x[a:b]))
