@@ -82,6 +82,13 @@ def render() -> str:
         "bounds below. A None default means unset, or derived from the data as in Kilosort4. The settings a sorting used",
         "are saved with it: `sa.Settings.from_json(sorting.attrs[\"settings\"])`.",
         "",
+        "**Accepted but ignored.** "
+        + ", ".join(f"`{p.name}`" for p in PARAMETERS if p.ignored)
+        + " are Kilosort4 settings that no spikearray stage reads (each row says why and what to use instead;",
+        "`Param.ignored` marks them in `spikearray.settings.PARAMETERS`). They are accepted so a Kilosort4 dict",
+        "works as it is; a non-default value raises an `IgnoredSettingWarning` naming it, and they are left out of",
+        "the stage-cache hashes, so changing one never recomputes a cached stage.",
+        "",
     ]
     for stage in stages:
         out += [f"## {stage}", "", "| name | default | unit | bounds | Kilosort4 name | meaning |",

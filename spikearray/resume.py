@@ -54,11 +54,15 @@ _KNOWN = {g for gs in _GROUPS.values() for g in gs} | set(_LATE_GROUPS) | {"comp
 
 
 def _stage_params(stage: str) -> list[str]:
-    """Setting names hashed into ``stage`` (besides those reaching it through its parent)."""
-    names = [p.name for p in PARAMETERS if p.stage in _GROUPS[stage]]
+    """Setting names hashed into ``stage`` (besides those reaching it through its parent).
+
+    Parameters marked ``Param.ignored`` (accepted for Kilosort4 compatibility, read by no stage) are left out:
+    changing one must not invalidate a cached stage.
+    """
+    names = [p.name for p in PARAMETERS if p.stage in _GROUPS[stage] and not p.ignored]
     if stage == "preprocess":
         # a parameter group this module does not know yet is hashed at the root: safe (recomputes everything)
-        names += [p.name for p in PARAMETERS if p.stage not in _KNOWN] + list(_RESULT_COMPUTE)
+        names += [p.name for p in PARAMETERS if p.stage not in _KNOWN and not p.ignored] + list(_RESULT_COMPUTE)
     return names
 
 

@@ -13,14 +13,20 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import SettingsError
 
-__all__ = ["Param", "PARAMETERS", "Settings", "KILOSORT4_DEFAULTS"]
+__all__ = ["Param", "PARAMETERS", "Settings", "KILOSORT4_DEFAULTS", "IgnoredSettingWarning", "IGNORED"]
 
 _NUM = (int, float)
+
+
+class IgnoredSettingWarning(UserWarning):
+    """A Kilosort4 setting that spikearray accepts for compatibility but does not use was given a non-default
+    value (see :data:`IGNORED` and ``docs/settings.md``)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class Param:
         One-line description.
     low, high : float or None
         Inclusive bounds for numbers.
+    ignored : bool
+        Accepted so that a Kilosort4 settings dict works as it is, but no stage reads it (``doc`` says why and
+        what to do instead). Setting it to a non-default value warns (:class:`IgnoredSettingWarning`), and it is
+        left out of every stage-cache hash, so changing it never invalidates a cached stage.
     """
 
     name: str
@@ -53,6 +63,7 @@ class Param:
     doc: str
     low: float | None = None
     high: float | None = None
+    ignored: bool = False
 
 
 PARAMETERS: tuple[Param, ...] = (
@@ -60,24 +71,38 @@ PARAMETERS: tuple[Param, ...] = (
     Param("n_chan_bin", None, (int,), "recording", "channels",
           "columns in the raw binary incl. sync; spikearray reads it from the .meta, and checks it when given", 1),
     Param("fs", 30000.0, _NUM, "recording", "Hz",
-          "sampling rate; the recording's own rate wins, this is checked against it when changed", 1),
+          "sampling rate; the recording's own rate is used: a non-default fs that differs from it by more than "
+          "0.1 % is an error (RecordingError), so a Kilosort4 dict written for another rate cannot pass silently", 1),
     Param("tmin", 0.0, _NUM, "recording", "s", "start of the sorted time range", 0),
     Param("tmax", math.inf, _NUM, "recording", "s", "end of the sorted time range", 0),
-    Param("shift", None, _NUM, "recording", "data units", "if set, data = data*scale + shift before anything else"),
-    Param("scale", None, _NUM, "recording", "-", "see shift"),
-    Param("data_dir", None, (str,), "recording", "-", "Kilosort4 compatibility only: pass paths to open_recording"),
-    Param("filename", None, (str,), "recording", "-", "Kilosort4 compatibility only: pass paths to open_recording"),
-    Param("results_dir", None, (str,), "recording", "-", "Kilosort4 compatibility only: use sort(output=...)"),
-    Param("probe_name", None, (str,), "recording", "-", "Kilosort4 compatibility only: use open_recording(probe=...)"),
-    Param("probe_path", None, (str,), "recording", "-", "Kilosort4 compatibility only: use open_recording(probe=...)"),
+    Param("shift", None, _NUM, "recording", "file units",
+          "if set, samples = samples*scale + shift in the file's own units (before the µV gain), before anything "
+          "else; the high-pass removes a constant shift, so it matters only together with scale"),
+    Param("scale", None, _NUM, "recording", "-",
+          "if set, samples = samples*scale (+ shift) before anything else, e.g. to bring float data in volts to "
+          "the ~±100 range; the µV gain is applied after it"),
+    Param("data_dir", None, (str,), "recording", "-",
+          "ignored (Kilosort4 compatibility): pass the paths to open_recording", ignored=True),
+    Param("filename", None, (str,), "recording", "-",
+          "ignored (Kilosort4 compatibility): pass the paths to open_recording", ignored=True),
+    Param("results_dir", None, (str,), "recording", "-",
+          "ignored (Kilosort4 compatibility): use sort(output=...)", ignored=True),
+    Param("probe_name", None, (str,), "recording", "-",
+          "ignored (Kilosort4 compatibility): use open_recording(probe=...)", ignored=True),
+    Param("probe_path", None, (str,), "recording", "-",
+          "ignored (Kilosort4 compatibility): use open_recording(probe=...)", ignored=True),
     # --- preprocessing ---
     Param("batch_size", 60000, (int,), "preprocessing", "samples", "batch length NT (2 s at 30 kHz)", 61),
-    Param("batch_downsampling", 1, (int,), "preprocessing", "batches", "use only every k-th batch", 1),
+    Param("batch_downsampling", 1, (int,), "preprocessing", "batches",
+          "the global estimates (whitening covariance and bad-channel noise windows, waveform-basis learning) use "
+          "only every k-th batch_size window; filtering, detection and matching still see every sample", 1),
     Param("do_CAR", True, (bool,), "preprocessing", "-", "subtract the median across channels at every sample"),
     Param("invert_sign", False, (bool,), "preprocessing", "-", "multiply the data by -1 (applied consistently)"),
     Param("highpass_cutoff", 300.0, _NUM, "preprocessing", "Hz", "Butterworth high-pass cutoff", 1),
-    Param("artifact_threshold", math.inf, _NUM, "preprocessing", "filtered data units",
-          "zero any batch whose filtered data reaches this absolute value", 0),
+    Param("artifact_threshold", math.inf, _NUM, "preprocessing", "µV",
+          "zero every batch (the fixed window [b*batch_size, (b+1)*batch_size), whatever the chunking) whose "
+          "filtered, referenced data reach this absolute value; such batches are also left out of the whitening "
+          "and bad-channel estimates", 0),
     Param("nskip", 25, (int,), "preprocessing", "batches", "stride between batches used for the whitening covariance", 1),
     Param("whitening_range", 32, (int,), "preprocessing", "channels", "neighbourhood size of the local ZCA whitening", 1),
     # --- drift ---
@@ -100,14 +125,20 @@ PARAMETERS: tuple[Param, ...] = (
     Param("nt", 61, (int,), "detection", "samples", "waveform length; must be odd", 11, 301),
     Param("nt0min", None, (int,), "detection", "samples", "trough index within a waveform (default int(20*nt/61))", 0),
     Param("dmin", None, _NUM, "detection", "µm", "vertical spacing of template positions is dmin/2 (default: median pitch)", 0.1),
-    Param("dminx", 32.0, _NUM, "detection", "µm", "lateral spacing of template positions is dminx/2", 0.1),
+    Param("dminx", 32.0, _NUM, "detection", "µm",
+          "ignored: spikearray's detector centres its spatial templates on the channels, not on a dminx/2 grid",
+          0.1, ignored=True),
     Param("min_template_size", 10.0, _NUM, "detection", "µm", "sigma of the smallest spatial envelope", 0.1),
     Param("template_sizes", 5, (int,), "detection", "-", "number of envelope sizes", 1),
     Param("nearest_chans", 10, (int,), "detection", "channels", "channels per template / feature neighbourhood", 1),
-    Param("nearest_templates", 100, (int,), "detection", "positions", "neighbouring positions for the local-maximum test", 1),
+    Param("nearest_templates", 100, (int,), "detection", "positions",
+          "ignored: the detector's local-maximum test spans the channels within 100 µm (no grid of positions)",
+          1, ignored=True),
     Param("max_channel_distance", 32.0, _NUM, "detection", "µm",
-          "drop template positions whose nearest channel is farther than this", 0),
-    Param("templates_from_data", True, (bool,), "detection", "-", "learn the waveform bases from the data"),
+          "ignored: there is no template grid to prune, every spatial template sits on a channel", 0, ignored=True),
+    Param("templates_from_data", True, (bool,), "detection", "-",
+          "ignored: the waveform bases are always learned from the data (spikearray ships no built-in set)",
+          ignored=True),
     Param("n_templates", 6, (int,), "detection", "-", "number of single-channel waveform prototypes", 1),
     Param("n_pcs", 6, (int,), "detection", "-", "number of temporal principal components", 1),
     Param("Th_single_ch", 6.0, _NUM, "detection", "whitened SD", "single-channel threshold for waveform snippets", 0),
@@ -116,11 +147,21 @@ PARAMETERS: tuple[Param, ...] = (
     # --- clustering and merges ---
     Param("acg_threshold", 0.2, _NUM, "metrics", "ratio", "max refractory ratio R12 of a 'good' unit", 0),
     Param("ccg_threshold", 0.25, _NUM, "merging", "ratio", "max cross-refractory ratio R12 for merging", 0),
-    Param("cluster_neighbors", 10, (int,), "clustering", "spikes", "k of the kNN graph", 1),
-    Param("cluster_downsampling", 20, (int,), "clustering", "-", "every n-th spike is a landmark", 1),
-    Param("max_cluster_subset", 25000, (int,), "clustering", "spikes", "cap on landmarks per centre", 1),
-    Param("x_centers", None, (int,), "clustering", "count", "number of lateral clustering centres (auto)", 1),
-    Param("cluster_init_seed", 5, (int,), "clustering", "-", "seed of the clustering initialisation", 0),
+    Param("cluster_neighbors", 10, (int,), "clustering", "spikes",
+          "ignored: spikearray clusters by k-means and bimodality merges, without a kNN graph", 1, ignored=True),
+    Param("cluster_downsampling", 20, (int,), "clustering", "-",
+          "ignored: there are no landmarks, every spike of a group (up to max_cluster_subset) is clustered",
+          1, ignored=True),
+    Param("max_cluster_subset", 25000, (int,), "clustering", "spikes",
+          "most spikes clustered per spatial group: a larger group is clustered on an evenly spaced subset of "
+          "this many spikes and its other spikes join the nearest cluster mean (bounds time and memory on long "
+          "recordings)", 100),
+    Param("x_centers", None, (int,), "clustering", "count",
+          "number of lateral clustering centres (k-means of the contacts' x); None: one per shank, as "
+          "Kilosort4's auto rule gives on Neuropixels", 1),
+    Param("cluster_init_seed", 5, (int,), "clustering", "-",
+          "seed of the clustering's k-means++ initialisation: the clustering seed is (seed + cluster_init_seed "
+          "- 5) mod 2^32, so Kilosort4's default 5 leaves spikearray's seed unchanged", 0),
     Param("duplicate_spike_ms", 0.25, _NUM, "metrics", "ms", "same-unit spikes closer than this are removed", 0),
     Param("position_limit", 100.0, _NUM, "metrics", "µm", "max channel distance used in spike positions", 0),
     # --- spikearray's own ---
@@ -133,13 +174,27 @@ PARAMETERS: tuple[Param, ...] = (
 
 _BY_NAME = {p.name: p for p in PARAMETERS}
 
+#: names of the parameters accepted for Kilosort4 compatibility that no stage reads (``Param.ignored``)
+IGNORED: frozenset[str] = frozenset(p.name for p in PARAMETERS if p.ignored)
+
+
+def _warn_ignored(values: dict[str, Any], stacklevel: int = 3) -> None:
+    """Warn once per call, naming every ignored parameter whose value in ``values`` differs from its default."""
+    named = [k for k, v in values.items() if k in IGNORED and v is not None and _check(_BY_NAME[k], v)
+             != _BY_NAME[k].default]
+    if named:
+        why = "; ".join(f"{k}: {_BY_NAME[k].doc}" for k in named)
+        warnings.warn(f"setting(s) {', '.join(repr(k) for k in named)} accepted for Kilosort4 compatibility but "
+                      f"not used by spikearray ({why}). Leave them out to silence this warning.",
+                      IgnoredSettingWarning, stacklevel=stacklevel)
+
 #: Kilosort4's defaults where spikearray's measured better and differ (see each Param's doc).
 KILOSORT4_DEFAULTS = {"nblocks": 1, "Th_universal": 9.0, "Th_learned": 8.0}
 
 
 def _check(p: Param, value: Any) -> Any:
     if value is None:
-        if p.default is None or p.name in ("torch_threads",):
+        if p.default is None or p.name in ("torch_threads", "max_cluster_subset"):  # None: derived / unlimited
             return None
         raise SettingsError(f"setting {p.name!r} cannot be None; expected {_typename(p)} (default {p.default!r}).")
     if p.types == _NUM and isinstance(value, bool):
@@ -194,7 +249,8 @@ class Settings:
     ----------
     **values
         Parameter values by name. Unknown names raise :class:`~spikearray.errors.SettingsError` with the
-        closest valid name.
+        closest valid name. Names accepted only for Kilosort4 compatibility (:data:`IGNORED`) given a
+        non-default value raise an :class:`IgnoredSettingWarning` naming them.
 
     Examples
     --------
@@ -208,6 +264,10 @@ class Settings:
     __slots__ = ("_values",)
 
     def __init__(self, **values: Any) -> None:
+        self._init(values)
+        _warn_ignored(values)
+
+    def _init(self, values: dict[str, Any]) -> None:
         unknown = [k for k in values if k not in _BY_NAME]
         if unknown:
             k = unknown[0]
@@ -248,8 +308,12 @@ class Settings:
         return f"Settings({inner})"
 
     def replace(self, **changes: Any) -> "Settings":
-        """Return a copy with some values changed (validated like the constructor)."""
-        return Settings(**{**self._values, **changes})
+        """Return a copy with some values changed (validated like the constructor; only the changed names can
+        warn as ignored)."""
+        new = Settings.__new__(Settings)
+        new._init({**self._values, **changes})
+        _warn_ignored(changes)
+        return new
 
     def to_dict(self) -> dict[str, Any]:
         """All values as a plain dict (tuples as lists, infinity as ``"inf"``): JSON-serialisable."""
@@ -306,5 +370,8 @@ class Settings:
 
 
 def _settings_from_values(values: dict[str, Any]) -> Settings:
-    """Unpickling helper for :class:`Settings` (a module-level function so pickle can name it)."""
-    return Settings(**values)
+    """Unpickling helper for :class:`Settings` (a module-level function so pickle can name it); validates but does
+    not warn again (every dask worker would repeat the user's warning)."""
+    new = Settings.__new__(Settings)
+    new._init(values)
+    return new

@@ -5,7 +5,7 @@ import pytest
 
 from spikearray import Settings
 from spikearray.errors import SettingsError
-from spikearray.settings import PARAMETERS
+from spikearray.settings import PARAMETERS, IgnoredSettingWarning
 
 
 def test_defaults_match_kilosort4():
@@ -23,7 +23,8 @@ def test_defaults_match_kilosort4():
 def test_accepts_a_kilosort4_settings_dict():
     ks = {"n_chan_bin": 385, "fs": 30000, "data_dir": "/data/run1", "nblocks": 5, "Th_learned": 7,
           "drift_smoothing": [0.5, 1.0, 0.5]}
-    s = Settings(**ks)
+    with pytest.warns(IgnoredSettingWarning, match="data_dir"):  # accepted, but open_recording takes the path
+        s = Settings(**ks)
     assert s.n_chan_bin == 385 and s.nblocks == 5 and s.Th_learned == 7.0
     assert s.drift_smoothing == (0.5, 1.0, 0.5)
 
