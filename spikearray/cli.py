@@ -27,7 +27,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
 
     kw = {}
-    for k in ("n_channels", "sampling_rate", "dtype", "gain_to_uV", "probe"):
+    for k in ("n_channels", "sampling_rate", "dtype", "gain_to_uV", "probe", "wired_only"):
         v = getattr(args, k)
         if v is not None:
             kw[k] = v
@@ -112,6 +112,9 @@ def _configure_export_phy(p: argparse.ArgumentParser) -> None:
 def _add_recording_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="SpikeGLX .ap.bin (or .meta), or a raw .bin/.dat with --n-channels etc.")
     p.add_argument("--probe", help="probe file (probeinterface .json, Kilosort .json/.mat, .prb)")
+    p.add_argument("--wired-only", action="store_true",
+                   help="sort only the channels the probe wires to a contact (default: a probe that leaves data "
+                        "channels unwired is an error)")
     p.add_argument("--n-channels", type=int, help="columns in a raw binary (sync included)")
     p.add_argument("--sampling-rate", type=float, help="Hz, raw binaries")
     p.add_argument("--dtype", help="int16 (default), uint16, int32, float32; raw binaries")
@@ -135,7 +138,7 @@ def _cmd_sort(args: argparse.Namespace) -> int:
             raise SpikearrayError(f"cannot read the settings file {args.settings!r} ({e.strerror}); pass a JSON "
                                   "file of name: value pairs (Kilosort4 names), e.g. {\"Th_universal\": 9}.") from None
         settings = Settings.from_json(text)
-    kw = {k: getattr(args, k) for k in ("n_channels", "sampling_rate", "dtype", "gain_to_uV", "probe")
+    kw = {k: getattr(args, k) for k in ("n_channels", "sampling_rate", "dtype", "gain_to_uV", "probe", "wired_only")
           if getattr(args, k) is not None}
     rec = open_recording(args.path, **kw)
     out = Path(args.out)

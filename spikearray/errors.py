@@ -67,3 +67,34 @@ class OutputExistsError(OutputError, FileExistsError):
 
 class IncompleteOutputError(OutputError):
     """An output store exists but was never completed (a crashed or killed run)."""
+
+
+class DiskFullError(OutputError, OSError):
+    """The filesystem holding an output has too little free space (``ENOSPC``) for what must be written.
+
+    Attributes
+    ----------
+    path : str
+        The file or folder being written.
+    needed, free : int or None
+        Bytes the write needed (an estimate where the size is not known exactly) and bytes free there.
+    """
+
+    def __init__(self, message: str, *, path: str = "", needed: int | None = None, free: int | None = None) -> None:
+        super().__init__(message)
+        self.path, self.needed, self.free = path, needed, free
+
+    def __str__(self) -> str:  # OSError's own __str__ would show only errno/strerror
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputLockedError(OutputError):
+    """Another run (a live process) holds the lock of this output folder."""
+
+
+class DamagedStoreError(OutputError):
+    """A finished Zarr store on disk is damaged: a metadata file or a chunk is missing, cut short or unreadable."""
+
+
+class DamagedCacheWarning(UserWarning):
+    """A stage cache of an unfinished run was damaged and is recomputed (the warning names the file)."""

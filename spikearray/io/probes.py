@@ -36,6 +36,9 @@ class ProbeLayout:
         Contact names (``""`` where the source has none).
     name : str
         Probe model or file name.
+    unused : ndarray of int64, shape (m,)
+        File rows the probe file names but marks as not to be sorted (Kilosort ``connected = false``, e.g. the
+        NP1.0 reference channel 191). Their omission is deliberate, so :meth:`unwired` does not report them.
     """
 
     channel: np.ndarray
@@ -44,6 +47,7 @@ class ProbeLayout:
     shank: np.ndarray
     contact_id: np.ndarray = field(default=None)  # type: ignore[assignment]
     name: str = ""
+    unused: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         n = len(self.channel)
@@ -53,6 +57,8 @@ class ProbeLayout:
         object.__setattr__(self, "y", np.asarray(self.y, dtype=np.float64))
         object.__setattr__(self, "shank", np.asarray(self.shank, dtype=np.int64))
         object.__setattr__(self, "contact_id", np.asarray(cid, dtype=str))
+        unused = np.zeros(0, np.int64) if self.unused is None else np.asarray(self.unused, dtype=np.int64).ravel()
+        object.__setattr__(self, "unused", np.setdiff1d(unused, self.channel))
         for k in ("x", "y", "shank", "contact_id"):
             if len(getattr(self, k)) != n:
                 raise ProbeFormatError(
@@ -78,7 +84,34 @@ class ProbeLayout:
     def sorted_by_channel(self) -> "ProbeLayout":
         """The same probe with contacts in file order (the order of the recording's columns)."""
         o = np.argsort(self.channel, kind="stable")
-        return ProbeLayout(self.channel[o], self.x[o], self.y[o], self.shank[o], self.contact_id[o], self.name)
+        return ProbeLayout(self.channel[o], self.x[o], self.y[o], self.shank[o], self.contact_id[o], self.name,
+                           self.unused)
+
+    def subset(self, keep: np.ndarray) -> "ProbeLayout":
+        """The contacts where the boolean mask ``keep`` (shape (n,)) is true, in the same order."""
+        keep = np.asarray(keep, dtype=bool)
+        return ProbeLayout(self.channel[keep], self.x[keep], self.y[keep], self.shank[keep], self.contact_id[keep],
+                           self.name, self.unused)
+
+    def unwired(self, columns: np.ndarray) -> np.ndarray:
+        """The entries of ``columns`` (file rows that hold neural data) that no contact of this probe names.
+
+        Parameters
+        ----------
+        columns : array of int, shape (k,)
+            File rows expected to carry neural data (all columns of a raw file; the AP columns of SpikeGLX).
+
+        Returns
+        -------
+        ndarray of int64
+            Sorted rows neither wired to a contact nor marked unused by the probe file.
+
+        Examples
+        --------
+        >>> ProbeLayout(np.arange(28), np.zeros(28), np.arange(28.0), np.zeros(28, int)).unwired(np.arange(32))
+        array([28, 29, 30, 31])
+        """
+        return np.setdiff1d(np.asarray(columns, dtype=np.int64), np.union1d(self.channel, self.unused))
 
     def check_fits(self, n_file_channels: int, source: str = "the recording") -> None:
         """Raise :class:`ProbeMismatchError` if a channel index does not exist in a file of that width."""
@@ -190,7 +223,7 @@ def _read_mat(path: Path) -> ProbeLayout:
     k = np.asarray(m["kcoords"], dtype=float).ravel() if "kcoords" in m else np.zeros_like(x)
     conn = np.asarray(m["connected"]).ravel().astype(bool) if "connected" in m else np.ones(len(chan), bool)
     k = k - k[conn].min() if conn.any() else k
-    return ProbeLayout(chan[conn], x[conn], y[conn], k[conn].astype(np.int64), None, path.stem)
+    return ProbeLayout(chan[conn], x[conn], y[conn], k[conn].astype(np.int64), None, path.stem, chan[~conn])
 
 
 def _read_ks_json(data: dict, path: Path) -> ProbeLayout:
@@ -275,11 +308,54 @@ def read_probe(source: Any) -> ProbeLayout:
     )
 
 
-def as_probe_layout(probe: Any, n_file_channels: int, source: str) -> ProbeLayout:
-    """Read ``probe`` and check that it fits a file with ``n_file_channels`` columns."""
+def as_probe_layout(probe: Any, n_file_channels: int, source: str, *, neural_columns: Any = None,
+                    wired_only: bool = False) -> ProbeLayout:
+    """Read ``probe`` and check that it fits a file with ``n_file_channels`` columns.
+
+    Parameters
+    ----------
+    probe : path or probe object
+        See :func:`read_probe`.
+    n_file_channels : int
+        Columns per sample in the binary file.
+    source : str
+        The file's name, for messages.
+    neural_columns : array of int, optional
+        File columns that hold neural data (default: all ``n_file_channels``). Each must be wired to a contact
+        (or marked unused by the probe file), unless ``wired_only``.
+    wired_only : bool
+        Sort only the wired channels: columns without a contact are left out knowingly instead of raising.
+
+    Raises
+    ------
+    ProbeMismatchError
+        A contact names a column the file does not have, or (without ``wired_only``) a neural column has no
+        contact; the message gives both counts and the unwired columns.
+    """
     layout = read_probe(probe)
     layout.check_fits(n_file_channels, source)
+    columns = np.arange(n_file_channels) if neural_columns is None else np.asarray(neural_columns, dtype=np.int64)
+    missing = layout.unwired(columns)
+    if len(missing) and not wired_only:
+        raise unwired_error(layout, missing, len(columns), source)
     return layout
+
+
+def _index_list(values: np.ndarray, limit: int = 20) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return f"[{shown}{f', ... ({len(values) - limit} more)' if len(values) > limit else ''}]"
+
+
+def unwired_error(layout: ProbeLayout, missing: np.ndarray, n_columns: int, source: str) -> ProbeMismatchError:
+    """The error for a probe that leaves some of the recording's data channels without a contact."""
+    n_wired = n_columns - len(missing)
+    return ProbeMismatchError(
+        f"probe {layout.name!r} wires {n_wired} of the {n_columns} data channels of {source}; file channel(s) "
+        f"{_index_list(missing)} have no contact in it, and sorting would silently leave them out. Pass the probe "
+        f"file that belongs to this recording, or, if those columns are not neural (sync, aux, a broken "
+        f"headstage channel), pass wired_only=True (command line: --wired-only) to sort only the {n_wired} wired "
+        "channels."
+    )
 
 
 def linear_layout(n: int, pitch: float = 20.0) -> ProbeLayout:

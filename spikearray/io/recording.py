@@ -164,7 +164,8 @@ def _lazy(reader: BinaryReader, rows: int) -> da.Array:
     return da.from_array(reader, chunks=(rows, -1), name=name, lock=False, asarray=True, meta=np.empty((0, 0), reader.dtype))
 
 
-def _open_spikeglx(path: Path, probe: Any, chunk_seconds: float, n_channels: int | None) -> xr.DataArray:
+def _open_spikeglx(path: Path, probe: Any, chunk_seconds: float, n_channels: int | None,
+                   wired_only: bool = False) -> xr.DataArray:
     info = spikeglx_info(path)
     if n_channels is not None and n_channels != info.n_saved:
         raise FileSizeError(
@@ -172,10 +173,14 @@ def _open_spikeglx(path: Path, probe: Any, chunk_seconds: float, n_channels: int
             "for SpikeGLX files leave n_channels out: it comes from the .meta."
         )
     layout = info.probe
+    unwired = np.zeros(0, np.int64)
     if probe is not None:
-        layout = as_probe_layout(probe, info.n_saved, info.bin_path.name)
+        # the sync word is not a neural column: the reader drops it whatever the probe says
+        layout = as_probe_layout(probe, info.n_saved, info.bin_path.name, neural_columns=info.neural_columns,
+                                 wired_only=wired_only)
         if set(layout.channel.tolist()) - set(info.neural_columns.tolist()):
             raise mismatch(layout.n_channels, len(info.neural_columns), info.bin_path.name)
+        unwired = layout.unwired(info.neural_columns)
     reader = BinaryReader(info.bin_path, np.int16, info.n_saved, info.n_samples, layout.channel)
     gains = info.gain_to_uV[np.searchsorted(info.neural_columns, layout.channel)]
     data = _lazy(reader, _chunk_rows(info.sampling_rate, chunk_seconds, info.n_samples))
@@ -189,12 +194,14 @@ def _open_spikeglx(path: Path, probe: Any, chunk_seconds: float, n_channels: int
         "probe_serial": m.get("imDatPrb_sn", ""),
         "coordinates": "SpikeGLX global: x = shank*shankPitch + x on shank, y = z above the lowest row (um)",
     }
+    if len(unwired):
+        extra["unwired_channels"] = unwired.tolist()
     return make_recording(data, sampling_rate=info.sampling_rate, probe=layout, gain_to_uV=gains,
                           source=str(info.bin_path), dtype_on_disk="int16", attrs=extra)
 
 
 def _open_raw(path: Path, probe: Any, n_channels: int | None, sampling_rate: float | None, dtype: Any,
-              gain_to_uV: Any, chunk_seconds: float, offset: int) -> xr.DataArray:
+              gain_to_uV: Any, chunk_seconds: float, offset: int, wired_only: bool = False) -> xr.DataArray:
     if n_channels is None:
         raise RecordingError(
             f"{path.name} has no SpikeGLX .meta beside it, so its channel count is unknown. Pass n_channels= "
@@ -235,7 +242,7 @@ def _open_raw(path: Path, probe: Any, n_channels: int | None, sampling_rate: flo
                 "channels have positions; sorting depends on geometry."
             )
     else:
-        layout = as_probe_layout(probe, n_channels, path.name)
+        layout = as_probe_layout(probe, n_channels, path.name, wired_only=wired_only)
     if gain_to_uV is None:
         if dt.kind == "f":
             gain_to_uV = 1.0
@@ -246,17 +253,19 @@ def _open_raw(path: Path, probe: Any, n_channels: int | None, sampling_rate: flo
     g = np.asarray(gain_to_uV, dtype=float)
     if g.ndim == 1 and len(g) == n_channels and layout.n_channels != n_channels:
         g = g[layout.channel]
+    unwired = layout.unwired(np.arange(n_channels))
     reader = BinaryReader(path, dt, n_channels, n_samples, layout.channel, offset)
     data = _lazy(reader, _chunk_rows(sampling_rate, chunk_seconds, n_samples))
     units = "uV" if dt.kind == "f" and np.all(g == 1.0) else None
     return make_recording(data, sampling_rate=float(sampling_rate), probe=layout, gain_to_uV=g, units=units,
                           source=str(path), dtype_on_disk=dt.name,
-                          attrs={"format": "raw", "n_file_channels": int(n_channels), "offset": int(offset)})
+                          attrs={"format": "raw", "n_file_channels": int(n_channels), "offset": int(offset),
+                                 **({"unwired_channels": unwired.tolist()} if len(unwired) else {})})
 
 
 def open_recording(path: Any, *, probe: Any = None, n_channels: int | None = None, sampling_rate: float | None = None,
                    dtype: Any = None, gain_to_uV: Any = None, chunk_seconds: float = 2.0,
-                   offset: int = 0) -> xr.DataArray:
+                   offset: int = 0, wired_only: bool = False) -> xr.DataArray:
     """Open a recording lazily as a labelled ``(time, channel)`` DataArray.
 
     Parameters
@@ -280,6 +289,11 @@ def open_recording(path: Any, *, probe: Any = None, n_channels: int | None = Non
         Length of the dask chunks along time (s).
     offset : int
         Header bytes to skip (raw files).
+    wired_only : bool
+        Sort only the file channels the probe wires to a contact. By default a probe that leaves data channels
+        without a contact (a 32-column file with a 28-contact probe) raises :class:`ProbeMismatchError`, which
+        lists them; with ``wired_only=True`` they are left out and listed in the attr ``unwired_channels``.
+        SpikeGLX's sync channel is never a data channel: it is dropped either way.
 
     Returns
     -------
@@ -322,6 +336,7 @@ def open_recording(path: Any, *, probe: Any = None, n_channels: int | None = Non
             )
     if p.suffix == ".meta" or p.with_suffix(".meta").exists() or p.name.endswith(".ap.bin"):
         if p.suffix != ".meta" and not p.with_suffix(".meta").exists() and n_channels is not None:
-            return _open_raw(p, probe, n_channels, sampling_rate, dtype, gain_to_uV, chunk_seconds, offset)
-        return _open_spikeglx(p, probe, chunk_seconds, n_channels)
-    return _open_raw(p, probe, n_channels, sampling_rate, dtype, gain_to_uV, chunk_seconds, offset)
+            return _open_raw(p, probe, n_channels, sampling_rate, dtype, gain_to_uV, chunk_seconds, offset,
+                             wired_only)
+        return _open_spikeglx(p, probe, chunk_seconds, n_channels, wired_only)
+    return _open_raw(p, probe, n_channels, sampling_rate, dtype, gain_to_uV, chunk_seconds, offset, wired_only)
