@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from .._compute import resolve_device
+from .._compute import resolve_device, torch_threads
 from ..errors import DataError
 from ..settings import Settings
 
@@ -102,14 +102,17 @@ def learn_bases(white: xr.DataArray, settings: Settings | None = None, *, max_sn
         )
     S = torch.cat(snips)[:max_snippets].double()
     S = S / S.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    _, _, vh = torch.linalg.svd(S, full_matrices=False)
-    n_pcs = min(s.n_pcs, nt, len(S))
-    pcs = vh[:n_pcs].clone()
-    for k in range(n_pcs):  # fix the arbitrary SVD sign: largest |value| negative (a trough)
-        j = torch.argmax(pcs[k].abs())
-        if pcs[k, j] > 0:
-            pcs[k] = -pcs[k]
-    shapes = _kmeans_shapes(S, s.n_templates, s.seed)
+    # one thread: LAPACK's SVD of the tall snippet matrix and the k-means sums split their reductions between
+    # threads, and the PCs feed every later stage (the same bits for any torch.set_num_threads)
+    with torch_threads(1):
+        _, _, vh = torch.linalg.svd(S, full_matrices=False)
+        n_pcs = min(s.n_pcs, nt, len(S))
+        pcs = vh[:n_pcs].clone()
+        for k in range(n_pcs):  # fix the arbitrary SVD sign: largest |value| negative (a trough)
+            j = torch.argmax(pcs[k].abs())
+            if pcs[k, j] > 0:
+                pcs[k] = -pcs[k]
+        shapes = _kmeans_shapes(S, s.n_templates, s.seed)
     ds = xr.Dataset(
         {"pc": (("pc", "sample"), pcs.float().numpy()), "shape": (("shape", "sample"), shapes.float().numpy())},
         attrs={"n_snippets": int(len(S)), "nt0min": nt0},

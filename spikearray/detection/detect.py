@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 from .._blocks import ChunkInfo, compute_tasks, map_chunks
-from .._compute import default_torch_threads, resolve_device, torch_threads
+from .._compute import default_torch_threads, irfft, resolve_device, rfft, torch_threads
 from ..geometry import channel_distances, nearest_channels, positions
 from ..settings import Settings
 
@@ -63,10 +63,12 @@ def correlate_fft(x: torch.Tensor, w: torch.Tensor, nt0: int) -> torch.Tensor:
     L = x.shape[-1]
     nt = w.shape[-1]
     n = fast_len(L + nt)
-    X = torch.fft.rfft(x, n=n)
+    # spikearray's rfft/irfft: the same bits whatever the torch thread count (a 1-row filter transform is
+    # otherwise split across threads by MKL, and every score with it)
+    X = rfft(x, n=n)
     # correlation = convolution with the reversed filter; the reversed filter's index nt-1-tau sits at lag nt0
-    W = torch.fft.rfft(torch.flip(w, dims=(-1,)), n=n)
-    y = torch.fft.irfft(X * W, n=n)
+    W = rfft(torch.flip(w, dims=(-1,)), n=n)
+    y = irfft(X * W, n=n)
     shift = nt - 1 - nt0
     return y[..., shift:shift + L]
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 from .._blocks import ChunkInfo, compute_tasks, map_chunks
-from .._compute import default_torch_threads, resolve_device, torch_threads
+from .._compute import default_torch_threads, irfft, resolve_device, rfft, torch_threads
 from ..detection.detect import fast_len
 from ..geometry import nearest_channels, positions
 from ..settings import Settings
@@ -248,10 +248,10 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
         Bf = torch.zeros((K, n // 2 + 1), dtype=filt.dtype, device=dev)
         for (r0, r1), chans, s_g in zip(ctx["row_ranges"], c["group_channels_d"], c["S_groups_d"]):
             y = s_g @ x.index_select(0, chans)
-            Bf.index_add_(0, rows[r0:r1], torch.fft.rfft(y, n=n) * filt[r0:r1])
+            Bf.index_add_(0, rows[r0:r1], rfft(y, n=n) * filt[r0:r1])
         shift = nt - 1 - nt0
         # the loop keeps bs = B / |U| so that Cf = relu(bs)² and the best template is an argmax of bs
-        bs = torch.fft.irfft(Bf, n=n)[:, shift:shift + L] * inv_norm[:, None]
+        bs = irfft(Bf, n=n)[:, shift:shift + L] * inv_norm[:, None]
         del Bf
         th2 = ctx["th"] ** 2
         lo, hi = nt, L - nt
@@ -322,7 +322,7 @@ def _filter_spectrum(ctx: dict, n: int, dev: torch.device) -> torch.Tensor:
     key = ("spec", n, str(dev))
     spec = ctx.get(key)
     if spec is None:
-        spec = torch.fft.rfft(torch.flip(ctx["Tm"].to(dev), dims=(-1,)), n=n)
+        spec = rfft(torch.flip(ctx["Tm"].to(dev), dims=(-1,)), n=n)
         ctx[key] = spec
     return spec
 

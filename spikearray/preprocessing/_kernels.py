@@ -238,9 +238,12 @@ def covariance_block(x: np.ndarray, *, device: torch.device, threads: int | None
     """``x.T @ x`` (not centred, as Kilosort4) of a ``(n, c)`` block, float64 ``(c, c)``.
 
     With ``blocks`` (from :func:`band_blocks` of the needed-entries mask) only ``C[o0:o1, i0:i1]`` is computed;
-    other entries are 0.
+    other entries are 0. On CPU it runs on one thread whatever ``threads``: each entry sums over all ``n``
+    samples, and a multi-threaded GEMM splits that sum between threads, so the whitening matrix (and every
+    spike after it) would change with the thread count; the windows are dask tasks of their own, which keeps
+    the cores busy.
     """
-    with torch_threads(threads):
+    with torch_threads(1 if torch.device(device).type == "cpu" else threads):
         xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
         if blocks is None or len(blocks) == 1:
             return (xt.T @ xt).double().cpu().numpy()
