@@ -173,11 +173,17 @@ class StageStore:
             return None
         try:
             ds = open_dataset(p)
-        except SpikearrayError:  # not a finished store: recompute
+            if ds.attrs.get("stage_hash") != h:
+                return None
+            ds = ds.load()
+        except SpikearrayError as e:  # damaged (stores are renamed into place only when complete): recompute
+            import warnings
+
+            from .errors import DamagedCacheWarning
+
+            warnings.warn(f"the cached {stage} stage {str(p)!r} is damaged and is recomputed: {e}",
+                          DamagedCacheWarning, stacklevel=3)
             return None
-        if ds.attrs.get("stage_hash") != h:
-            return None
-        ds = ds.load()
         del ds.attrs["stage_hash"]
         self._skip(stage)
         return ds
@@ -215,8 +221,22 @@ class StageStore:
         except (OSError, ValueError):
             return False
         n, c = (int(v) for v in shape)
-        return (meta.get("stage_hash") == h and meta.get("shape") == [n, c] and self.preprocessed_path.is_file()
-                and self.preprocessed_path.stat().st_size == 2 * n * c)
+        if not (meta.get("stage_hash") == h and meta.get("shape") == [n, c]):
+            return False
+        f = self.preprocessed_path
+        size = f.stat().st_size if f.is_file() else None
+        if size == 2 * n * c:
+            return True
+        if str(f) not in getattr(self, "_warned", set()):  # its marker vouched for it: damage, say so once
+            import warnings
+
+            from .errors import DamagedCacheWarning
+
+            self._warned = getattr(self, "_warned", set()) | {str(f)}
+            state = "missing" if size is None else f"{size} bytes instead of 2 x {n} x {c} = {2 * n * c}"
+            warnings.warn(f"the preprocessed int16 copy {str(f)!r} is {state} (cut short?); it is recomputed.",
+                          DamagedCacheWarning, stacklevel=2)
+        return False
 
     def invalidate_preprocessed(self) -> None:
         """Remove the marker before a new copy is written, so an old marker never vouches for a new file."""

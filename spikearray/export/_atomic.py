@@ -7,6 +7,7 @@ first and deletes it only after the new one is in place.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -14,9 +15,80 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import OutputError, OutputExistsError
+from ..errors import DiskFullError, OutputError, OutputExistsError
 
-__all__ = ["atomic_dir", "PARTIAL_MARK", "partial_siblings"]
+__all__ = ["atomic_dir", "PARTIAL_MARK", "partial_siblings", "free_bytes", "require_free_space", "disk_full_cause",
+           "disk_full_error", "format_bytes"]
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def format_bytes(n: float | None) -> str:
+    """``1536`` -> ``'1.5 KiB'`` (binary units, as ``df -h`` prints them)."""
+    if n is None:
+        return "an unknown amount"
+    v = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(v) < 1024 or unit == "TiB":
+            return f"{int(v)} bytes" if unit == "bytes" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{v:.1f} TiB"  # pragma: no cover
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free to this user on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return int(shutil.disk_usage(p).free)
+    except OSError:
+        return None
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ``ENOSPC``/``EDQUOT`` :class:`OSError` that caused ``exc`` (itself, or along its cause/context chain)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def disk_full_error(path: str | os.PathLike, needed: int | None, what: str, *, free: int | None = None,
+                    kept: str = "") -> DiskFullError:
+    """The :class:`DiskFullError` for ``what`` at ``path``: how much it needed, how much was free, what was kept."""
+    free = free_bytes(path) if free is None else free
+    approx = "" if needed is None else " about"
+    return DiskFullError(
+        f"no space left on the device for {what} {str(path)!r}: it needs{approx} {format_bytes(needed)}, and "
+        f"{format_bytes(free)} {'was' if free is not None else 'is'} free there. {kept}Free some space on that "
+        "filesystem (or choose an output folder on another one) and run again.",
+        path=str(path), needed=needed, free=free)
+
+
+def require_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
+    """Raise :class:`DiskFullError` now if the filesystem holding ``path`` has less than ``needed`` bytes free.
+
+    Parameters
+    ----------
+    path : path
+        The file or folder about to be written (need not exist yet).
+    needed : int
+        Bytes the write will take.
+    what : str
+        Name of the output in the message (e.g. ``"the preprocessed int16 copy"``).
+
+    Examples
+    --------
+    >>> require_free_space("/tmp/out", 2 * 30000 * 3600 * 384, "the preprocessed int16 copy")  # doctest: +SKIP
+    """
+    free = free_bytes(path)
+    if free is not None and needed > free:
+        raise disk_full_error(path, int(needed), what, free=free, kept="Nothing was written. ")
 
 PARTIAL_MARK = ".partial-"
 _OLD_MARK = ".old-"
@@ -32,8 +104,13 @@ def partial_siblings(final: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False, what: str = "output",
+               needed: int | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``final``; rename it to ``final`` when the block exits cleanly.
+
+    If the block fails because the disk is full (``ENOSPC``/``EDQUOT`` anywhere in the exception's chain), the
+    temporary folder is deleted and :class:`DiskFullError` is raised instead, naming ``final``, ``needed`` and
+    the free space when the write began; an earlier ``final`` is never touched by a failed write.
 
     Parameters
     ----------
@@ -44,11 +121,15 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False, what: str =
         anything is written.
     what : str
         Name of the output in error messages (e.g. ``"sorting store"``).
+    needed : int, optional
+        Bytes the folder will take (an estimate), for the disk-full message.
 
     Raises
     ------
     OutputExistsError
         ``final`` exists and ``overwrite`` is False (checked before and again just before the rename).
+    DiskFullError
+        The filesystem filled up while writing; the partial folder was deleted.
     """
     final = Path(final)
     if final.exists() and not overwrite:
@@ -57,13 +138,23 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False, what: str =
             "another output folder."
         )
     final.parent.mkdir(parents=True, exist_ok=True)
+    free_at_start = free_bytes(final.parent)
     tmp = final.with_name(f"{final.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(3)}")
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        if disk_full_cause(e) is None:
+            raise
+        raise disk_full_error(final, needed, what, free=free_at_start) from e
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(e, DiskFullError) or disk_full_cause(e) is None:
+            raise
+        kept = (f"The partial files were deleted; the earlier {what} there is untouched. " if final.exists()
+                else "The partial files were deleted. ")
+        raise disk_full_error(final, needed, what, free=free_at_start, kept=kept) from e
     old = None
     try:
         if final.exists():

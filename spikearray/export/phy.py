@@ -26,7 +26,7 @@ import xarray as xr
 
 from ..clustering.similarity import template_similarity as _similarity
 from ..errors import OutputError
-from ._atomic import atomic_dir
+from ._atomic import atomic_dir, require_free_space
 from .zarr_store import jsonable
 
 __all__ = ["export_phy", "validate_phy_folder", "template_similarity", "phy_whitening", "PHY_FOLDER"]
@@ -241,6 +241,9 @@ def export_phy(sorting: xr.Dataset | str | os.PathLike, recording: Any = None,
     Raises
     ------
     OutputExistsError, OutputError
+    DiskFullError
+        Too little free space for the folder (checked before writing, and on ``ENOSPC`` while writing: the
+        partial folder is deleted and an existing ``folder`` is left as it was).
     """
     if not isinstance(sorting, xr.Dataset):
         from .zarr_store import open_sorting
@@ -313,7 +316,11 @@ def export_phy(sorting: xr.Dataset | str | os.PathLike, recording: Any = None,
     meta["contact_id"] = ds["contact_id"].values.astype(str).tolist() if "contact_id" in ds.coords else None
     meta["amplitudes_units"] = "uV"
 
-    with atomic_dir(final, overwrite=overwrite, what="Phy folder") as tmp:
+    S = len(st)
+    needed = (28 * S + 4 * templates.size + 8 * K * C + 4 * sim.size + 12 * C * C + 20 * C
+              + (4 * int(np.prod(ds["spike_pc"].shape)) + 4 * K * C if "spike_pc" in ds else 0) + 64 * K + 65536)
+    require_free_space(final.parent, needed, "the Phy folder")  # npy files are uncompressed: the size is known
+    with atomic_dir(final, overwrite=overwrite, what="Phy folder", needed=needed) as tmp:
         save = lambda name, arr: np.save(tmp / name, np.ascontiguousarray(arr))  # noqa: E731
         save("spike_times.npy", st)
         save("spike_templates.npy", tpos.astype(np.int32))

@@ -26,7 +26,7 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
-from ..errors import IncompleteOutputError, OutputError
+from ..errors import DamagedStoreError, IncompleteOutputError, OutputError
 from ._atomic import PARTIAL_MARK, atomic_dir, partial_siblings
 
 __all__ = ["write_sorting", "open_sorting", "write_dataset_atomic", "write_dataset", "open_dataset",
@@ -192,20 +192,143 @@ def write_dataset_atomic(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: 
     ------
     OutputExistsError
         ``path`` exists and ``overwrite`` is False (the existing store is left untouched).
+    DiskFullError
+        The filesystem filled up; the partial store was deleted and an existing store at ``path`` is untouched.
     """
     path = Path(path)
-    with atomic_dir(path, overwrite=overwrite, what="Zarr store") as tmp:
+    needed = int(sum(v.nbytes for v in ds.variables.values()))  # uncompressed: an upper estimate
+    with atomic_dir(path, overwrite=overwrite, what="Zarr store", needed=needed) as tmp:
         write_dataset(ds, tmp)
     return path
+
+
+_FIX = ("Copy the store again from where it came from, or recreate it (sort(..., overwrite=True) / "
+        "write_sorting(..., overwrite=True)).")
+
+
+def _metadata_files(path: Path) -> tuple[Path, list[Path]]:
+    """The consolidated-metadata file of a store, and the metadata files it says the store has."""
+    if ZARR_FORMAT == 2:
+        root = path / ".zmetadata"
+        try:
+            keys = list(json.loads(root.read_text()).get("metadata", {}))
+        except (OSError, ValueError, AttributeError):
+            keys = []
+        return root, [path / k for k in keys]
+    root = path / "zarr.json"
+    try:
+        meta = json.loads(root.read_text())
+        names = list((meta.get("consolidated_metadata") or {}).get("metadata", {}))
+    except (OSError, ValueError, AttributeError):
+        names = []
+    return root, [path / n / "zarr.json" for n in names]
+
+
+def _check_metadata(path: Path) -> None:
+    """Every metadata file the consolidated metadata lists must exist and hold JSON (else DamagedStoreError)."""
+    _, files = _metadata_files(path)
+    for f in files:
+        rel = f.relative_to(path).as_posix()
+        if not f.is_file():
+            raise DamagedStoreError(
+                f"the Zarr store {str(path)!r} is damaged: its metadata file {rel!r} is missing (the consolidated "
+                f"metadata lists it). {_FIX}"
+            )
+        try:
+            json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise DamagedStoreError(
+                f"the Zarr store {str(path)!r} is damaged: its metadata file {rel!r} ({f.stat().st_size} bytes) is "
+                f"not valid JSON ({e}); it was cut short or overwritten. {_FIX}"
+            ) from None
+
+
+def _chunk_file(path: Path, name: str, arr: Any, idx: tuple) -> Path:
+    if ZARR_FORMAT == 2:
+        sep = getattr(arr, "_dimension_separator", None) or "."
+        return path / name / (sep.join(str(i) for i in idx) if idx else "0")
+    try:
+        key = arr.metadata.encode_chunk_key(idx)
+    except AttributeError:  # pragma: no cover - zarr 3 API drift
+        key = "c/" + "/".join(str(i) for i in idx)
+    return path / name / key
+
+
+def _check_chunks(path: Path, name: str, arr: Any) -> None:
+    """Format 2 stores get every chunk written (``write_empty_chunks``): a missing chunk file is damage.
+
+    (Under zarr >= 3 chunks equal to the fill value are legitimately absent, so this check does not apply.)
+    """
+    if ZARR_FORMAT != 2 or arr.size == 0:
+        return
+    grid = tuple(int(v) for v in arr.cdata_shape)
+    if int(np.prod(grid)) == int(arr.nchunks_initialized):
+        return
+    import itertools
+
+    for idx in itertools.product(*(range(g) for g in grid)):
+        f = _chunk_file(path, name, arr, idx)
+        if not f.is_file():
+            raise DamagedStoreError(
+                f"the Zarr store {str(path)!r} is damaged: chunk file {f.relative_to(path).as_posix()!r} of "
+                f"variable {name!r} is missing ({int(arr.nchunks_initialized)} of {int(np.prod(grid))} chunks are "
+                f"there; an interrupted copy?). Reading it would give fill values instead of data. {_FIX}"
+            )
+
+
+class _CheckedArray:
+    """Read-only array view of a Zarr array that reports an undecodable chunk as :class:`DamagedStoreError`.
+
+    Picklable (it holds the zarr array, which pickles as its store path), so dask-distributed workers use it too.
+    """
+
+    def __init__(self, arr: Any, store: Path, name: str) -> None:
+        self.arr, self.store, self.name = arr, str(store), name
+        self.shape, self.ndim, self.chunks = tuple(arr.shape), arr.ndim, tuple(arr.chunks)
+        self.dtype = arr.dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return self.arr[key]
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise self._damage(e) from None
+
+    def _damage(self, first: Exception) -> DamagedStoreError:
+        import itertools
+
+        store = Path(self.store)
+        grid = [range(-(-s // c)) for s, c in zip(self.shape, self.chunks)]
+        for idx in itertools.product(*grid):
+            region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, self.chunks, self.shape))
+            try:
+                self.arr[region]
+            except Exception as e:  # this chunk is the bad one
+                f = _chunk_file(store, self.name, self.arr, idx)
+                what = f"({f.stat().st_size} bytes)" if f.is_file() else "(missing)"
+                return DamagedStoreError(
+                    f"the Zarr store {self.store!r} is damaged: chunk file {f.relative_to(store).as_posix()!r} of "
+                    f"variable {self.name!r} {what} cannot be decoded ({type(e).__name__}: {e}); it was cut short "
+                    f"or corrupted. {_FIX}"
+                )
+        return DamagedStoreError(f"reading variable {self.name!r} of the Zarr store {self.store!r} failed "
+                                 f"({type(first).__name__}: {first}); the store may be damaged. {_FIX}")
 
 
 def open_dataset(path: str | os.PathLike) -> xr.Dataset:
     """Open a store written by :func:`write_dataset` lazily (dask arrays; index coords and strings loaded).
 
+    Damage is reported as :class:`DamagedStoreError` naming the file: a missing or unreadable metadata file
+    and (Zarr format 2) a missing chunk file at open, a chunk that cannot be decoded (cut short, corrupted)
+    when it is read.
+
     Raises
     ------
     IncompleteOutputError
         The path is an unfinished ``.partial-`` store, or the store lacks its consolidated metadata.
+    DamagedStoreError
+        A metadata or chunk file of a finished store is missing, cut short or corrupted.
     OutputError
         Not a Zarr store written by spikearray/xarray.
     """
@@ -218,21 +341,32 @@ def open_dataset(path: str | os.PathLike) -> xr.Dataset:
     try:
         group = _open_group_consolidated(path)
     except Exception as e:  # zarr raises KeyError/ValueError/FileNotFoundError depending on version
+        root_file = _metadata_files(path)[0]
+        state = ("missing" if not root_file.is_file() else
+                 f"{root_file.stat().st_size} bytes and unreadable (cut short or not a consolidated store)")
         raise IncompleteOutputError(
-            f"{str(path)!r} has no consolidated Zarr metadata ({type(e).__name__}: {e}); it is not a finished "
-            "spikearray store. Write it again."
+            f"{str(path)!r} has no consolidated Zarr metadata: {root_file.name!r} is {state} ({type(e).__name__}: "
+            f"{e}); it is not a finished spikearray store. Write it again."
         ) from None
-    root = dict(group.attrs)
+    _check_metadata(path)
+    try:
+        root = dict(group.attrs)
+        arrays = list(group.arrays())
+    except Exception as e:
+        raise DamagedStoreError(f"the Zarr store {str(path)!r} is damaged: its metadata cannot be read "
+                                f"({type(e).__name__}: {e}). {_FIX}") from None
     coord_names = set(str(root.pop("coordinates", "")).split())
     stamp = tokenize(str(path.resolve()), os.stat(path).st_mtime_ns)
     variables: dict[str, xr.Variable] = {}
-    for name, arr in group.arrays():
-        attrs = dict(arr.attrs)
-        dims = _array_dims(arr, attrs)
+    for name, zarr_arr in arrays:
+        attrs = dict(zarr_arr.attrs)
+        dims = _array_dims(zarr_arr, attrs)
+        _check_chunks(path, name, zarr_arr)
+        arr = _CheckedArray(zarr_arr, path, name)
         dtype = np.dtype(attrs.pop(_DTYPE_ATTR, arr.dtype.str if hasattr(arr.dtype, "str") else "O"))
-        eager = dtype.kind in "OUS" or (len(dims) == 1 and dims[0] == name) or arr.size == 0
+        eager = dtype.kind in "OUS" or (len(dims) == 1 and dims[0] == name) or zarr_arr.size == 0
         if eager:
-            values = np.asarray(arr[...]) if arr.size else np.empty(arr.shape, dtype)
+            values = np.asarray(arr[...]) if zarr_arr.size else np.empty(arr.shape, dtype)
             if values.dtype != dtype:
                 values = values.astype(dtype)
             data: Any = values
