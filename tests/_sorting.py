@@ -1,8 +1,9 @@
-"""A hand-made, realistic Sorting Dataset (the contract in SORTING_CONTRACT.md) built from synthetic ground truth.
+"""A hand-made, realistic Sorting Dataset built from synthetic ground truth.
 
 Reusable by any test that needs a sorting without running the sorter: spikes = planted spikes, templates = planted
 templates (µV), a symmetric (ZCA) whitening matrix from the generator's noise covariance, seeded PC features,
-contamination and labels.
+contamination and labels. Names, dims, dtypes and attrs come from :data:`spikearray.outputs.OUTPUTS` (through
+:func:`spikearray.outputs.sorting_dataset`), the same table the sorter builds its output from.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import xarray as xr
 
 from spikearray import __version__
+from spikearray.outputs import sorting_dataset
 from spikearray.settings import Settings
 
 
@@ -89,22 +91,17 @@ def make_sorting(rec: xr.DataArray, truth: xr.Dataset, *, seed: int = 0, with_pc
         nrm = flat / np.linalg.norm(flat, axis=1, keepdims=True)
         data["similarity"] = (("unit", "unit_b"), (nrm @ nrm.T).astype(np.float32))
     coords = {
-        "unit": np.arange(K, dtype=np.int64),
-        "channel": rec["channel"].values.astype(np.int64),
-        "x": ("channel", x.astype(np.float64)),
-        "y": ("channel", y.astype(np.float64)),
-        "shank": ("channel", rec["shank"].values.astype(np.int64)),
-        "contact_id": ("channel", rec["contact_id"].values),
-        "time": ("time", np.array([n_samples / fs / 4, 3 * n_samples / fs / 4])),
-        # The contract names this coord `depth`, which clashes with the per-unit variable `depth`; until the
-        # contract settles it, the fixture calls it `block_depth`.
-        "block_depth": ("block", np.array([float(y.mean())])),
+        "unit": np.arange(K),
+        "channel": rec["channel"].values,
+        "x": x,
+        "y": y,
+        "shank": rec["shank"].values,
+        "contact_id": rec["contact_id"].values,
+        "time": np.array([n_samples / fs / 4, 3 * n_samples / fs / 4]),
+        "block_depth": np.array([float(y.mean())]),
     }
-    ds = xr.Dataset(data, coords=coords)
-    ds["template"].attrs["units"] = "uV"
-    ds["spike_amplitude"].attrs["units"] = "uV"
     gain = rec.attrs.get("gain_to_uV", 1.0)
-    ds.attrs = {
+    attrs = {
         "spikearray_version": __version__,
         "settings": Settings().to_json(),
         "source": str(rec.attrs.get("source", "")),
@@ -119,4 +116,4 @@ def make_sorting(rec: xr.DataArray, truth: xr.Dataset, *, seed: int = 0, with_pc
         "timings": json.dumps({"preprocess": 1.5, "detect": 2.25}),
         "n_units_good": int((label == "good").sum()),
     }
-    return ds
+    return sorting_dataset(data, coords, attrs)

@@ -12,6 +12,7 @@ import xarray as xr
 from .._version import __version__
 from ..clustering.merge import absorb_fragments, ccg_merge, drift_merge, redundant_units, remove_duplicates
 from ..geometry import positions
+from ..outputs import empty_variable, sorting_dataset
 from ..settings import Settings
 from .units import ptp_best, refractory_labels, spike_positions, unit_positions, unwhiten_templates
 
@@ -35,15 +36,15 @@ def _drift_spikes(drift: xr.Dataset | None) -> dict[str, Any]:
         for src, dst in (("spike_time", "drift_spike_time"), ("spike_depth", "drift_spike_depth"),
                          ("spike_amplitude", "drift_spike_amplitude")):
             if src in drift:
-                out[dst] = ("drift_spike", np.asarray(drift[src].values))
+                out[dst] = np.asarray(drift[src].values)
     return out
 
 
 def _channel_coords(white: xr.DataArray) -> dict[str, Any]:
-    out = {"channel": ("channel", white["channel"].values)}
+    out = {"channel": white["channel"].values, "channel_out": white["channel"].values}
     for k in ("x", "y", "shank", "contact_id"):
         if k in white.coords:
-            out[k] = ("channel", white[k].values)
+            out[k] = white[k].values
     return out
 
 
@@ -69,36 +70,19 @@ def _base_attrs(recording: xr.DataArray, settings: Settings, timings: dict[str, 
 
 def empty_sorting(recording: xr.DataArray, white: xr.DataArray, whitening: xr.DataArray, drift: xr.Dataset | None,
                   settings: Settings, timings: dict[str, float], nt: int, n_pcs: int, n_near: int) -> xr.Dataset:
-    """A valid Sorting Dataset with 0 units and 0 spikes (a recording with no spikes)."""
-    C = white.sizes["channel"]
-    ds = xr.Dataset(
-        {
-            "spike_time": ("spike", np.zeros(0, np.int64)),
-            "spike_unit": ("spike", np.zeros(0, np.int64)),
-            "spike_amplitude": ("spike", np.zeros(0, np.float32)),
-            "spike_x": ("spike", np.zeros(0, np.float32)),
-            "spike_depth": ("spike", np.zeros(0, np.float32)),
-            "spike_pc": (("spike", "pc", "nearest"), np.zeros((0, n_pcs, n_near), np.float32)),
-            "template": (("unit", "sample", "channel"), np.zeros((0, nt, C), np.float32)),
-            "template_whitened": (("unit", "sample", "channel"), np.zeros((0, nt, C), np.float32)),
-            "best_channel": ("unit", np.zeros(0, np.int64)),
-            "unit_x": ("unit", np.zeros(0)),
-            "depth": ("unit", np.zeros(0)),
-            "amplitude": ("unit", np.zeros(0, np.float32)),
-            "firing_rate": ("unit", np.zeros(0)),
-            "n_spikes": ("unit", np.zeros(0, np.int64)),
-            "contamination": ("unit", np.zeros(0)),
-            "label": ("unit", np.zeros(0, dtype="<U4")),
-            "unit_pc_channel": (("unit", "nearest"), np.zeros((0, n_near), np.int64)),
-            "whitening_matrix": (("channel", "channel_out"), whitening.values.astype(np.float32)),
-            "displacement": _displacement(drift),
-            **_drift_spikes(drift),
-        },
-        coords={"unit": np.zeros(0, np.int64), **_channel_coords(white),
-                "channel_out": ("channel_out", white["channel"].values)},
-        attrs={**_base_attrs(recording, settings, timings), "n_units_good": 0},
-    )
-    return ds
+    """A valid Sorting Dataset with 0 units and 0 spikes (a recording with no spikes).
+
+    Every variable of :data:`spikearray.outputs.OUTPUTS` that a sorting always has (plus ``spike_pc`` and
+    ``unit_pc_channel``) is present with length 0 along ``spike`` and ``unit`` and the table's dtype and attrs.
+    """
+    sizes = {"sample": nt, "channel": white.sizes["channel"], "pc": n_pcs, "nearest": n_near}
+    names = ("spike_time", "spike_unit", "spike_amplitude", "spike_x", "spike_depth", "spike_pc", "template",
+             "template_whitened", "best_channel", "unit_x", "depth", "amplitude", "firing_rate", "n_spikes",
+             "contamination", "label", "unit_pc_channel")
+    data: dict[str, Any] = {n: empty_variable(n, sizes) for n in names}
+    data.update(whitening_matrix=whitening.values, displacement=_displacement(drift), **_drift_spikes(drift))
+    return sorting_dataset(data, {"unit": np.zeros(0, np.int64), **_channel_coords(white)},
+                           {**_base_attrs(recording, settings, timings), "n_units_good": 0})
 
 
 def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.DataArray, whitening: xr.DataArray,
@@ -187,38 +171,27 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
     contam, label = refractory_labels(t, u, n_units, fs, s.acg_threshold)
     duration = recording.sizes["time"] / fs
     chan_ids = white["channel"].values
-    ds = xr.Dataset(
-        {
-            "spike_time": ("spike", t.astype(np.int64)),
-            "spike_unit": ("spike", u.astype(np.int64)),
-            "spike_amplitude": ("spike", (scale * amp_uV[u]).astype(np.float32)),
-            "spike_x": ("spike", spos[:, 0]),
-            "spike_depth": ("spike", spos[:, 1]),
-            "spike_pc": (("spike", "pc", "nearest"), np.ascontiguousarray(feat.transpose(0, 2, 1), np.float32)),
-            "template": (("unit", "sample", "channel"), t_uV),
-            "template_whitened": (("unit", "sample", "channel"), tw),
-            "best_channel": ("unit", chan_ids[best].astype(np.int64)),
-            "unit_x": ("unit", upos[:, 0]),
-            "depth": ("unit", upos[:, 1]),
-            "amplitude": ("unit", amp_uV),
-            "firing_rate": ("unit", counts / duration),
-            "n_spikes": ("unit", counts.astype(np.int64)),
-            "contamination": ("unit", contam),
-            "label": ("unit", label),
-            "unit_pc_channel": (("unit", "nearest"), tchan[survivors].astype(np.int64)),
-            "whitening_matrix": (("channel", "channel_out"), W.astype(np.float32)),
-            "displacement": _displacement(drift),
-            **_drift_spikes(drift),
-        },
-        coords={"unit": np.arange(n_units, dtype=np.int64), **_channel_coords(white),
-                "channel_out": ("channel_out", chan_ids)},
-        attrs={**_base_attrs(recording, s, timings), "n_units_good": int((label == "good").sum())},
-    )
-    ds["spike_amplitude"].attrs["units"] = "uV"
-    ds["template"].attrs["units"] = "uV"
-    ds["amplitude"].attrs["units"] = "uV"
-    ds["firing_rate"].attrs["units"] = "Hz"
-    ds["spike_depth"].attrs["units"] = "um"
-    ds["depth"].attrs["units"] = "um"
-    ds["contamination"].attrs["description"] = "Kilosort4 R12: refractory-window rate / baseline rate of the ACG"
-    return ds
+    data = {
+        "spike_time": t,
+        "spike_unit": u,
+        "spike_amplitude": scale * amp_uV[u],
+        "spike_x": spos[:, 0],
+        "spike_depth": spos[:, 1],
+        "spike_pc": np.ascontiguousarray(feat.transpose(0, 2, 1), np.float32),
+        "template": t_uV,
+        "template_whitened": tw,
+        "best_channel": chan_ids[best],
+        "unit_x": upos[:, 0],
+        "depth": upos[:, 1],
+        "amplitude": amp_uV,
+        "firing_rate": counts / duration,
+        "n_spikes": counts,
+        "contamination": contam,
+        "label": label,
+        "unit_pc_channel": tchan[survivors],
+        "whitening_matrix": W,
+        "displacement": _displacement(drift),
+        **_drift_spikes(drift),
+    }
+    return sorting_dataset(data, {"unit": np.arange(n_units, dtype=np.int64), **_channel_coords(white)},
+                           {**_base_attrs(recording, s, timings), "n_units_good": int((label == "good").sum())})

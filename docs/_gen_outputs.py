@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Generate the variable tables of ``docs/outputs.md`` from :data:`spikearray.outputs.OUTPUTS`.
+
+Only the text between the two marker lines is rewritten; the rest of ``docs/outputs.md`` is edited by hand.
+
+    python docs/_gen_outputs.py           # rewrite the generated section of docs/outputs.md
+    python docs/_gen_outputs.py --check   # exit 1 when it is stale (tests/test_outputs_table.py does this)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGET = HERE / "outputs.md"
+BEGIN = "<!-- BEGIN GENERATED: Sorting Dataset variables, by docs/_gen_outputs.py from spikearray.outputs.OUTPUTS -->"
+END = "<!-- END GENERATED: Sorting Dataset variables -->"
+
+_UNIT = {"uV": "µV", "um": "µm"}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render() -> str:
+    """The generated section, markers included."""
+    from spikearray.outputs import ATTRIBUTES, OUTPUTS, SECTIONS
+
+    out = [BEGIN, ""]
+    for section, heading in SECTIONS.items():
+        out += [f"### {heading}", "", "| name | dims | dtype | units | meaning |", "| --- | --- | --- | --- | --- |"]
+        for v in OUTPUTS:
+            if v.section == section:
+                meaning = _cell(v.description) + (" (optional)" if v.optional else "")
+                out.append(f"| `{v.name}` | {', '.join(v.dims)} | {v.dtype} | {_UNIT.get(v.unit, v.unit)} | {meaning} |")
+        out.append("")
+    out += ["### Attributes (JSON types only)", "", "| name | type | meaning |", "| --- | --- | --- |"]
+    out += [f"| `{k}` | {t} | {_cell(d)} |" for k, (t, d) in ATTRIBUTES.items()]
+    out += ["", END]
+    return "\n".join(out)
+
+
+def updated(text: str) -> str:
+    """``text`` (the whole of docs/outputs.md) with its generated section replaced by :func:`render`."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{TARGET} must hold the two marker lines once each, in order:\n{BEGIN}\n{END}")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    return head + render() + tail
+
+
+def main(argv: list[str]) -> int:
+    text = TARGET.read_text(encoding="utf-8")
+    new = updated(text)
+    if "--check" in argv:
+        if new != text:
+            print(f"{TARGET} is stale; run: python docs/_gen_outputs.py", file=sys.stderr)
+            return 1
+        return 0
+    TARGET.write_text(new, encoding="utf-8")
+    print(f"wrote {TARGET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))  # the checkout's spikearray, not an installed one
+    sys.exit(main(sys.argv[1:]))
