@@ -118,7 +118,9 @@ def _add_recording_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-channels", type=int, help="columns in a raw binary (sync included)")
     p.add_argument("--sampling-rate", type=float, help="Hz, raw binaries")
     p.add_argument("--dtype", help="int16 (default), uint16, int32, float32; raw binaries")
-    p.add_argument("--gain-to-uV", dest="gain_to_uV", type=float, help="µV per integer step, raw binaries")
+    # flags are lower case; the mixed-case spelling of earlier releases stays accepted as an alias
+    p.add_argument("--gain-to-uv", "--gain-to-uV", dest="gain_to_uV", type=float,
+                   help="µV per integer step, raw binaries")
 
 
 def _cmd_sort(args: argparse.Namespace) -> int:

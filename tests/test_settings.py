@@ -75,3 +75,19 @@ def test_settings_pickle_and_copy_round_trip():
     assert copy.deepcopy(s) == s and copy.copy(s) == s
     with pytest.raises(AttributeError, match="immutable"):
         back.nblocks = 4
+
+
+def test_command_line_flags_are_lower_case_with_the_old_gain_spelling_as_an_alias():
+    import argparse
+
+    from spikearray.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if action.option_strings:
+                assert action.option_strings[0] == action.option_strings[0].lower(), (name, action.option_strings)
+    for flag in ("--gain-to-uv", "--gain-to-uV"):
+        args = parser.parse_args(["info", "x.bin", "--n-channels", "4", flag, "0.5"])
+        assert args.gain_to_uV == 0.5
