@@ -8,7 +8,8 @@ from . import accessor as _accessor  # noqa: F401  (registers rec.sa)
 from . import drift, plotting
 from ._version import __version__
 from .errors import SpikearrayError
-from .export import export_phy, open_sorting, read_phy, write_sorting
+from .export import (drop_noise, export_nwb, export_phy, open_sorting, read_phy, select_units, to_sorting_analyzer,
+                     write_sorting)
 from .io import ProbeLayout, format_summary, open_recording, read_probe, summary
 from .io.spikeinterface import from_spikeinterface, to_spikeinterface
 from .pipeline import sort
@@ -18,4 +19,5 @@ from .settings import Settings
 __all__ = ["__version__", "SpikearrayError", "Settings", "open_recording", "read_probe", "ProbeLayout",
            "summary", "format_summary", "highpass", "common_reference", "whitening_matrix", "whiten", "preprocess",
            "detect_bad_channels", "sort", "open_sorting", "write_sorting", "export_phy", "read_phy",
-           "from_spikeinterface", "to_spikeinterface", "drift", "plotting"]
+           "from_spikeinterface", "to_spikeinterface", "drift", "plotting", "export_nwb", "to_sorting_analyzer",
+           "select_units", "drop_noise"]

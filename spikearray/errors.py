@@ -98,3 +98,13 @@ class DamagedStoreError(OutputError):
 
 class DamagedCacheWarning(UserWarning):
     """A stage cache of an unfinished run was damaged and is recomputed (the warning names the file)."""
+
+
+class MissingExtraError(SpikearrayError, ImportError):
+    """An optional dependency (``spikearray[nwb]``, ``spikearray[interop]``) is not installed; the message names the
+    ``pip install`` to run."""
+
+
+class MetadataError(SpikearrayError, ValueError):
+    """Metadata an export needs (NWB session start time, subject, ...) is neither given nor in the recording's
+    files; the message names the argument to pass."""

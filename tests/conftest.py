@@ -28,3 +28,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sorted_session(tmp_path_factory):
+    """A real ``sa.sort`` of a tiny SpikeGLX session (6 s, 32 channels, 6 planted units): the interop tests'
+    "sorted synthetic recording". Returns dict(root, raw, out, recording, truth, sorting); ``out`` holds
+    sorting.zarr and phy/. Shared by tests/test_nwb.py, test_analyzer.py and test_phy_curation.py."""
+    import spikearray as sa
+    from spikearray.synthetic import write_spikeglx
+
+    root = tmp_path_factory.mktemp("sorted_session")
+    (root / "data").mkdir()
+    rec, truth = generate_recording(duration=6.0, n_channels=32, n_units=6, seed=11, amplitudes_uV=(80, 400),
+                                    firing_rates=(8.0, 20.0))
+    raw = write_spikeglx(rec, root / "data" / "run_g0_t0.imec0.ap.bin")
+    recording = sa.open_recording(raw)
+    sorting = sa.sort(recording, sa.Settings(nblocks=0, batch_size=30000), output=root / "out", progress=False)
+    return {"root": root, "raw": raw, "out": root / "out", "recording": recording, "truth": truth,
+            "sorting": sorting}

@@ -2,10 +2,12 @@
 
 Curation done in Phy comes back: labels from ``cluster_group.tsv`` (good / mua / noise / unsorted) and merges or
 splits from ``spike_clusters.npy``. Units are the cluster ids present in ``spike_clusters.npy`` (Phy's ids are
-kept, so they may not be contiguous after curation). A cluster's whitened template is the spike-count-weighted
-mean of the templates its spikes came from (a split cluster keeps its parent's template; nothing is recomputed
-from the raw data). Metrics that depend on the spike set (``contamination``) are NaN for clusters that Phy
-changed. ``params.py`` is parsed with :func:`ast.literal_eval`, never executed.
+kept, so they may not be contiguous after curation). The template of a cluster Phy changed (a merge or a split) is
+recomputed in µV from its spikes in the raw recording when the recording can be read (the file ``params.py``
+points at, or the ``recording`` argument); otherwise it is the spike-count-weighted mean of the templates its
+spikes came from (a split cluster then keeps its parent's template). Metrics that depend on the spike set
+(``contamination``) are NaN for clusters that Phy changed. ``params.py`` is parsed with :func:`ast.literal_eval`,
+never executed.
 """
 
 from __future__ import annotations
@@ -107,6 +109,32 @@ def _load(folder: Path, name: str, required: bool = False) -> np.ndarray | None:
     return np.load(p)
 
 
+def _template_geometry(uv: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Best channel position (largest energy), µV peak-to-peak there, and ptp²-weighted centre (x, depth µm)."""
+    K = uv.shape[0]
+    energy = (uv.astype(np.float64) ** 2).sum(axis=1)
+    best_pos = energy.argmax(axis=1) if uv.shape[2] else np.zeros(K, np.int64)
+    ptp = np.ptp(uv, axis=1) if uv.shape[1] else np.zeros((K, uv.shape[2]), np.float32)
+    amplitude = ptp[np.arange(K), best_pos].astype(np.float32)
+    w = ptp.astype(np.float64) ** 2
+    wsum = np.maximum(w.sum(axis=1), 1e-30)
+    return best_pos, amplitude, (w @ pos[:, 0]) / wsum, (w @ pos[:, 1]) / wsum
+
+
+def _check_spike_lengths(folder: Path, lengths: dict[str, int]) -> None:
+    """Every per-spike file must hold one row per spike (Phy rewrites spike_clusters.npy; a bad copy breaks it)."""
+    if len(set(lengths.values())) <= 1:
+        return
+    ref_name, ref = next(iter(lengths.items()))
+    bad = [(n, k) for n, k in lengths.items() if k != ref]
+    detail = "; ".join(f"{n} has {k}" for n, k in bad)
+    raise OutputError(
+        f"{folder}: {ref_name} has {ref} spikes but {detail}. Every per-spike file of a Phy folder needs one row "
+        "per spike; the folder was changed inconsistently (an interrupted Phy save, or files copied from different "
+        "sortings). Restore the files from the same sorting, or re-export it with spikearray export-phy."
+    )
+
+
 def _remap_pc(pcf: np.ndarray, pfi: np.ndarray, tpl: np.ndarray, unit_chan: np.ndarray,
               unit_index: np.ndarray) -> np.ndarray:
     """Re-express each spike's features (on its template's channels) on its cluster's channel list (0 elsewhere)."""
@@ -126,26 +154,47 @@ def _remap_pc(pcf: np.ndarray, pfi: np.ndarray, tpl: np.ndarray, unit_chan: np.n
     return out
 
 
-def read_phy(folder: str | os.PathLike) -> xr.Dataset:
-    """Read a Phy / Kilosort folder as a Sorting Dataset (see ``docs/outputs.md``).
+def read_phy(folder: str | os.PathLike, *, recording: Any = "auto", max_spikes_per_unit: int = 2000,
+             seed: int = 0) -> xr.Dataset:
+    """Read a Phy / Kilosort folder, curated or not, as a Sorting Dataset (see ``docs/outputs.md``).
 
     Parameters
     ----------
     folder : path
         Holds ``params.py``, ``spike_times.npy``, ``spike_templates.npy`` (``spike_clusters.npy`` after Phy),
         ``templates.npy``, ``channel_map.npy``, ``channel_positions.npy`` and the ``cluster_*.tsv`` tables.
+    recording : "auto", xarray.DataArray, path or None
+        The sorted recording, to recompute the µV templates of clusters that Phy merged or split from their
+        spikes. ``"auto"`` (default): the binary ``params.py``'s ``dat_path`` names, when it is there and its µV
+        scale is known (a SpikeGLX ``.meta`` beside it, or a folder spikearray wrote); ``None``: never read raw
+        data (changed clusters get the spike-count-weighted mean of their templates).
+    max_spikes_per_unit : int
+        Spikes (a seeded random subset) averaged per recomputed template.
+    seed : int
+        Seed of that subset.
 
     Returns
     -------
     xarray.Dataset
         Spikes sorted by time (ties by unit); ``unit`` = cluster ids; ``label`` from ``cluster_group.tsv``
         (else ``KSLabel``, else ``"unsorted"``); µV templates = ``templates.npy @ whitening_mat_inv`` (Phy's
-        convention); ``spike_amplitude`` = ``amplitudes.npy`` (µV when spikearray wrote the folder, Kilosort's
-        arbitrary units otherwise, see the variable's ``units`` attr). No ``displacement`` (Phy folders lack it).
+        convention) for clusters Phy did not change; ``spike_amplitude`` = ``amplitudes.npy`` (µV when
+        spikearray wrote the folder, Kilosort's arbitrary units otherwise, see the variable's ``units`` attr).
+        No ``displacement`` (Phy folders lack it). Attr ``templates_recomputed``: the unit ids whose templates
+        were recomputed from the recording. To drop ``noise`` units with their spikes use
+        :func:`spikearray.drop_noise` (``sorting.sel(unit=...)`` alone keeps every spike).
 
     Raises
     ------
     OutputError
+        Missing or inconsistent files (e.g. ``spike_times.npy`` and ``spike_clusters.npy`` of different lengths),
+        ``params.py`` that is not literal assignments.
+
+    Examples
+    --------
+    >>> import spikearray as sa
+    >>> curated = sa.read_phy("DIR/phy")  # doctest: +SKIP
+    >>> good = sa.select_units(curated, curated.label == "good")  # doctest: +SKIP
     """
     f = Path(folder)
     if not f.is_dir():
@@ -156,9 +205,8 @@ def read_phy(folder: str | os.PathLike) -> xr.Dataset:
     tpl = _load(f, "spike_templates.npy", True).astype(np.int64).ravel()
     scl = _load(f, "spike_clusters.npy")
     scl = tpl.copy() if scl is None else scl.astype(np.int64).ravel()
-    if not (len(st) == len(tpl) == len(scl)):
-        raise OutputError(f"{f}: spike_times, spike_templates and spike_clusters have different lengths "
-                          f"({len(st)}, {len(tpl)}, {len(scl)}).")
+    _check_spike_lengths(f, {"spike_times.npy": len(st), "spike_templates.npy": len(tpl),
+                             **({"spike_clusters.npy": len(scl)} if (f / "spike_clusters.npy").exists() else {})})
     order = np.lexsort((scl, st))
     st, tpl, scl = st[order], tpl[order], scl[order]
     cmap = _load(f, "channel_map.npy", True).astype(np.int64).ravel()
@@ -198,13 +246,7 @@ def read_phy(folder: str | os.PathLike) -> xr.Dataset:
     unchanged = np.array([(M[u] > 0).sum() == 1 and main_t[u] == ids[u] and col_users[main_t[u]] == 1
                           for u in range(K)], dtype=bool)
     uv = (tw @ wmi).astype(np.float32)
-    energy = (uv.astype(np.float64) ** 2).sum(axis=1)
-    best_pos = energy.argmax(axis=1) if C else np.zeros(K, np.int64)
-    ptp = np.ptp(uv, axis=1)
-    amplitude = ptp[np.arange(K), best_pos].astype(np.float32)
-    w = ptp.astype(np.float64) ** 2
-    wsum = np.maximum(w.sum(axis=1), 1e-30)
-    unit_x, depth = (w @ pos[:, 0]) / wsum, (w @ pos[:, 1]) / wsum
+    best_pos, amplitude, unit_x, depth = _template_geometry(uv, pos)
 
     n_samples = mattrs.get("n_samples")
     dat = params.get("dat_path")
@@ -245,14 +287,19 @@ def read_phy(folder: str | os.PathLike) -> xr.Dataset:
         "spike_unit": ("spike", ids[unit_index] if K else scl),
     }
     amps = _load(f, "amplitudes.npy")
+    sp = _load(f, "spike_positions.npy")
+    pcf, pfi = _load(f, "pc_features.npy"), _load(f, "pc_feature_ind.npy")
+    if (f / "pc_feature_spike_ids.npy").exists():
+        pcf = None
+    _check_spike_lengths(f, {"spike_times.npy": len(st), **{n: len(a) for n, a in
+                                                           (("amplitudes.npy", amps), ("spike_positions.npy", sp),
+                                                            ("pc_features.npy", pcf)) if a is not None}})
     if amps is not None:
         data["spike_amplitude"] = ("spike", amps.ravel()[order].astype(np.float32))
-    sp = _load(f, "spike_positions.npy")
     if sp is not None and sp.ndim == 2 and sp.shape[1] >= 2:
         data["spike_x"] = ("spike", sp[order, 0].astype(np.float32))
         data["spike_depth"] = ("spike", sp[order, 1].astype(np.float32))
-    pcf, pfi = _load(f, "pc_features.npy"), _load(f, "pc_feature_ind.npy")
-    if pcf is not None and pfi is not None and not (f / "pc_feature_spike_ids.npy").exists():
+    if pcf is not None and pfi is not None:
         pcf = pcf.astype(np.float32)[order]
         pfi = pfi.astype(np.int64)
         unit_chan = pfi[main_t] if K else np.zeros((0, pfi.shape[1]), np.int64)
@@ -295,6 +342,83 @@ def read_phy(folder: str | os.PathLike) -> xr.Dataset:
         "phy_folder": str(f.resolve()),
     })
     attrs.setdefault("time_start", 0.0)
+    scale_known = "gain_to_uV" in attrs
     attrs.setdefault("gain_to_uV", 1.0)
+    attrs["templates_recomputed"] = []
     ds.attrs = attrs
+    changed = [int(c) for c, u in zip(ids.tolist(), unchanged) if not u]
+    if changed and recording is not None:
+        ds = _recompute_templates(ds, changed, recording, scale_known=scale_known,
+                                  max_spikes_per_unit=max_spikes_per_unit, seed=seed)
     return ds
+
+
+def _recording_for_templates(ds: xr.Dataset, recording: Any, scale_known: bool) -> Any:
+    """The reader of the raw recording, or None when it cannot be read with a known µV scale."""
+    from ..report.waveforms import RecordingUnavailable, window_reader
+
+    if isinstance(recording, str) and recording == "auto":
+        source = Path(str(ds.attrs.get("source", "")))
+        if not source.is_file() or not (scale_known or source.with_suffix(".meta").is_file()):
+            return None
+        recording = None
+    try:
+        return window_reader(ds, recording)
+    except RecordingUnavailable:
+        if recording is None:
+            return None
+        raise
+
+
+def _recompute_templates(ds: xr.Dataset, changed: list[int], recording: Any, *, scale_known: bool,
+                         max_spikes_per_unit: int, seed: int) -> xr.Dataset:
+    """Replace the templates of Phy-changed clusters by the mean of their spikes in the recording (µV).
+
+    Windows of ``nt`` samples (``nt0min`` before the spike time) on every sorted channel, high-passed like the
+    sorter (zero-phase 3rd-order Butterworth at the sorting's ``highpass_cutoff``) and common-referenced (median
+    across channels) when the sorting's settings did; no drift correction.
+    """
+    from ..report.waveforms import sample_spike_waveforms
+    from ..settings import Settings
+    from .curation import select_units
+    from .phy import template_similarity
+
+    reader = _recording_for_templates(ds, recording, scale_known)
+    if reader is None:
+        return ds
+    try:
+        s = Settings.from_json(ds.attrs.get("settings", "{}"))
+        cutoff, car = float(s.highpass_cutoff), bool(s.do_CAR)
+    except Exception:  # a Kilosort folder: Kilosort4's defaults
+        cutoff, car = 300.0, True
+    sub = select_units(ds, changed)
+    C = ds.sizes["channel"]
+    chans = {u: np.arange(C) for u in changed}
+    wf = sample_spike_waveforms(sub, reader, chans, n_per_unit=max_spikes_per_unit, highpass_hz=cutoff, seed=seed,
+                                pad_ms=10.0, common_reference=car)
+    uv = np.asarray(ds["template"].values, np.float32).copy()
+    pos_of = {int(u): i for i, u in enumerate(ds["unit"].values)}
+    done = []
+    for u in changed:
+        if wf[u].shape[0]:
+            uv[pos_of[u]] = wf[u].mean(axis=0)
+            done.append(u)
+    if not done:
+        return ds
+    W = np.asarray(ds["whitening_matrix"].values, np.float32)
+    tw = np.asarray(ds["template_whitened"].values, np.float32).copy()
+    idx = [pos_of[u] for u in done]
+    tw[idx] = uv[idx] @ W.T
+    pos = np.stack([ds["x"].values, ds["y"].values], axis=1).astype(np.float64)
+    best_pos, amplitude, unit_x, depth = _template_geometry(uv, pos)
+    out = ds.copy()
+    out["template"] = (("unit", "sample", "channel"), uv, ds["template"].attrs)
+    out["template_whitened"] = (("unit", "sample", "channel"), tw)
+    out["best_channel"] = ("unit", np.asarray(ds["channel"].values)[best_pos].astype(np.int64))
+    out["amplitude"] = ("unit", amplitude)
+    out["unit_x"] = ("unit", unit_x)
+    out["depth"] = ("unit", depth)
+    if "similarity" in ds:
+        out["similarity"] = (("unit", "unit_b"), template_similarity(tw))
+    out.attrs = {**ds.attrs, "templates_recomputed": done}
+    return out

@@ -114,7 +114,8 @@ def window_reader(sorting: xr.Dataset, recording: Any = None) -> Reader:
 
 def sample_spike_waveforms(sorting: xr.Dataset, reader: Reader, channels: Mapping[int, np.ndarray], *,
                            n_per_unit: int = 50, highpass_hz: float = 300.0, seed: int = 0,
-                           progress: bool = False) -> dict[int, np.ndarray]:
+                           progress: bool = False, pad_ms: float = 4.0,
+                           common_reference: bool = False) -> dict[int, np.ndarray]:
     """Up to ``n_per_unit`` random spikes of each unit, high-passed, in µV, on that unit's channels.
 
     Parameters
@@ -132,6 +133,11 @@ def sample_spike_waveforms(sorting: xr.Dataset, reader: Reader, channels: Mappin
     seed : int
     progress : bool
         Show a progress bar over units.
+    pad_ms : float
+        Samples read on each side of a window (ms) and dropped after filtering, to absorb edge transients.
+    common_reference : bool
+        After filtering, subtract the median across the channels read at each sample (Kilosort4's CAR; pass all
+        channels in ``channels`` for it to match the sorter's).
 
     Returns
     -------
@@ -148,7 +154,7 @@ def sample_spike_waveforms(sorting: xr.Dataset, reader: Reader, channels: Mappin
         nt0min = Settings.from_json(sorting.attrs.get("settings", "{}")).replace(nt=nt).nt0min_
     except SpikearrayError:
         nt0min = int(20 * nt / 61)
-    pad = int(round(0.004 * fs))  # 4 ms each side absorbs the filter's edge transients
+    pad = int(round(pad_ms * 1e-3 * fs))  # each side: absorbs the filter's edge transients
     sos = butter(3, highpass_hz, btype="highpass", fs=fs, output="sos")
     st = np.asarray(sorting["spike_time"].values, np.int64)
     su = np.asarray(sorting["spike_unit"].values)
@@ -177,5 +183,7 @@ def sample_spike_waveforms(sorting: xr.Dataset, reader: Reader, channels: Mappin
         win = np.stack([reader(int(t) - nt0min - pad, int(t) - nt0min + nt + pad, rows) for t in times])
         win -= np.median(win, axis=1, keepdims=True)
         win = sosfiltfilt(sos, win, axis=1)
+        if common_reference:
+            win -= np.median(win, axis=2, keepdims=True)
         out[u] = np.ascontiguousarray(win[:, pad:pad + nt], np.float32)
     return out
