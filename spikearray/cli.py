@@ -16,14 +16,14 @@ __all__ = ["main", "build_parser"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .export.summary import format_sorting_summary, is_sorting_path, sorting_summary
+    from .export.summary import is_sorting_path, sorting_summary
     from .io import format_summary, open_recording, summary
 
     if is_sorting_path(args.path):  # a sorting output folder (or its sorting.zarr)
         from .export import open_sorting
 
         ds = open_sorting(args.path)
-        print(json.dumps(sorting_summary(ds), indent=1) if args.json else format_sorting_summary(ds, args.path))
+        print(json.dumps(sorting_summary(ds), indent=1) if args.json else format_summary(ds, args.path))
         return 0
 
     kw = {}
@@ -230,7 +230,7 @@ command("demo", "sort the built-in synthetic recording, write Zarr + Phy, print 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    page = write_report(args.dir, recording=args.recording, progress=not args.quiet)
+    page = write_report(args.dir, recording=args.recording, progress=not args.quiet, curated=args.curated)
     print(f"report      {page}")
     return 0
 
@@ -239,6 +239,8 @@ def _configure_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="sorting output folder (holding sorting.zarr); the report goes to DIR/report")
     p.add_argument("--recording", help="the sorted recording, for sampled spikes (default: the sorting's 'source')")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--curated", action="store_true", help="report the Phy-curated sorting read back from DIR/phy "
+                                                          "(to DIR/report-curated)")
 
 
 def _cmd_recipe(args: argparse.Namespace) -> int:
@@ -265,6 +267,7 @@ def _configure_recipe(p: argparse.ArgumentParser) -> None:
 
 
 command("report", "write the HTML report of a saved sorting (DIR/report/index.html)", _configure_report)(_cmd_report)
+from .export import _cli as _export_cli  # noqa: E402,F401  (registers export-nwb and export-analyzer)
 command("recipe", "sort the sessions a YAML recipe lists, skipping complete ones; summary at the end",
         _configure_recipe)(_cmd_recipe)
 

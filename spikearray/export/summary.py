@@ -1,4 +1,5 @@
-"""A short text summary of a saved sorting (``spikearray info DIR``)."""
+"""Key numbers of a saved sorting (``spikearray info DIR``); :func:`spikearray.io.summary.format_summary` prints
+them, as it does a recording's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import xarray as xr
 
 from .zarr_store import STORE_NAME
 
-__all__ = ["is_sorting_path", "sorting_summary", "format_sorting_summary"]
+__all__ = ["is_sorting_path", "sorting_summary"]
 
 
 def is_sorting_path(path: str | os.PathLike) -> bool:
@@ -37,21 +38,3 @@ def sorting_summary(ds: xr.Dataset) -> dict:
             v = np.asarray(ds[var].values, dtype=float)
             out[f"{var}_median"] = float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
     return out
-
-
-def format_sorting_summary(ds: xr.Dataset, path: str = "") -> str:
-    """Human-readable version of :func:`sorting_summary`."""
-    s = sorting_summary(ds)
-    by = ", ".join(f"{n} {k}" for k, n in s["units_by_label"].items()) or "none"
-    lines = [
-        f"sorting     {path}" if path else "sorting",
-        f"source      {s['source']}",
-        f"units       {s['units']} ({by})",
-        f"spikes      {s['spikes']} over {s['duration_s']:.1f} s at {s['sampling_rate']:g} Hz, {s['channels']} channels",
-    ]
-    if "firing_rate_median" in s:
-        lines.append(f"median      {s['firing_rate_median']:.2f} Hz, {s.get('amplitude_median', float('nan')):.1f} µV "
-                     f"ptp, contamination {s.get('contamination_median', float('nan')):.3f}")
-    if s["spikearray_version"]:
-        lines.append(f"written by  spikearray {s['spikearray_version']}")
-    return "\n".join(lines)

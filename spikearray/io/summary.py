@@ -1,4 +1,8 @@
-"""Human and machine summaries of a recording (``spikearray info``)."""
+"""Human and machine summaries of a recording or a sorting (``spikearray info``).
+
+:func:`summary` gives a recording's key facts as a dict (``spikearray.export.summary.sorting_summary`` does the
+same for a sorting); :func:`format_summary` turns either into aligned ``label  value`` lines.
+"""
 
 from __future__ import annotations
 
@@ -64,19 +68,62 @@ def _duration(s: float) -> str:
     return f"{s:.3f} s"
 
 
-def format_summary(rec: xr.DataArray) -> str:
-    """A few readable lines: source, probe, channels, rate, duration, size, µV scale, extent."""
-    s = summary(rec)
+def _lines(rows: list[tuple[str, str]]) -> str:
+    """``label  value`` lines, the values aligned two spaces after the longest label (an empty value: the label)."""
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k.ljust(width)}{v}".rstrip() for k, v in rows)
+
+
+def format_summary(obj: xr.DataArray | xr.Dataset, path: str = "") -> str:
+    """A few readable lines about a recording or a sorting.
+
+    Parameters
+    ----------
+    obj : xarray.DataArray or xarray.Dataset
+        A recording (source, probe, channels, rate, duration, size, µV scale, extent) or a Sorting Dataset
+        (source, units per label, spikes, medians of rate/amplitude/contamination, version).
+    path : str
+        Shown as the sorting's location (sortings only).
+
+    Examples
+    --------
+    >>> from spikearray.synthetic import generate_recording
+    >>> rec, _ = generate_recording(duration=1.0, n_channels=8, n_units=1)
+    >>> format_summary(rec).splitlines()[0]
+    'recording  synthetic(seed=0)'
+    """
+    if isinstance(obj, xr.Dataset):
+        return _format_sorting(obj, path)
+    s = summary(obj)
     lo, hi = s["uV_per_bit"]
     scale = f"{lo:.6g} µV/bit" if lo == hi else f"{lo:.6g}–{hi:.6g} µV/bit"
     if s["units"] == "uV":
         scale = "data in µV"
-    lines = [
-        f"recording  {s['source'] or '(in memory)'}",
-        f"format     {s['format'] or '-'}   probe {s['probe'] or '-'}",
-        f"channels   {s['n_channels']} on {s['n_shanks']} shank(s)   x {s['x_um'][0]:.0f}–{s['x_um'][1]:.0f} µm, "
-        f"y {s['y_um'][0]:.0f}–{s['y_um'][1]:.0f} µm",
-        f"rate       {s['sampling_rate']:.6g} Hz   duration {_duration(s['duration_s'])} ({s['n_samples']} samples)",
-        f"data       {s['dtype']}, {_size(s['size_bytes'])}, {scale}, chunks of {s['chunk_seconds']:.3g} s",
+    return _lines([
+        ("recording", s["source"] or "(in memory)"),
+        ("format", f"{s['format'] or '-'}   probe {s['probe'] or '-'}"),
+        ("channels", f"{s['n_channels']} on {s['n_shanks']} shank(s)   x {s['x_um'][0]:.0f}–{s['x_um'][1]:.0f} µm, "
+                     f"y {s['y_um'][0]:.0f}–{s['y_um'][1]:.0f} µm"),
+        ("rate", f"{s['sampling_rate']:.6g} Hz   duration {_duration(s['duration_s'])} ({s['n_samples']} samples)"),
+        ("data", f"{s['dtype']}, {_size(s['size_bytes'])}, {scale}, chunks of {s['chunk_seconds']:.3g} s"),
+    ])
+
+
+def _format_sorting(ds: xr.Dataset, path: str) -> str:
+    from ..export.summary import sorting_summary  # export imports io: import here, not at module level
+
+    s = sorting_summary(ds)
+    by = ", ".join(f"{n} {k}" for k, n in s["units_by_label"].items()) or "none"
+    rows = [
+        ("sorting", path),
+        ("source", s["source"]),
+        ("units", f"{s['units']} ({by})"),
+        ("spikes", f"{s['spikes']} over {s['duration_s']:.1f} s at {s['sampling_rate']:g} Hz, {s['channels']} "
+                   "channels"),
     ]
-    return "\n".join(lines)
+    if "firing_rate_median" in s:
+        rows.append(("median", f"{s['firing_rate_median']:.2f} Hz, {s.get('amplitude_median', float('nan')):.1f} µV "
+                               f"ptp, contamination {s.get('contamination_median', float('nan')):.3f}"))
+    if s["spikearray_version"]:
+        rows.append(("written by", f"spikearray {s['spikearray_version']}"))
+    return _lines(rows)
