@@ -296,10 +296,14 @@ def export_nwb(sorting: xr.Dataset | str | os.PathLike, path: str | os.PathLike,
     # --- probe: one device, one electrode group per shank
     pn, sn = meta.get("imDatPrb_pn", ""), meta.get("imDatPrb_sn", "")
     probe_name = str((recording.attrs.get("probe") if recording is not None else None) or pn or "probe")
+    model = None
+    if pn:
+        model = nwb.create_device_model(name=pn, manufacturer="IMEC", model_number=pn,
+                                        description=f"Neuropixels probe, part number {pn}")
     device = nwb.create_device(
         name="probe", description=f"{probe_name} (part number {pn or 'unknown'}); channel geometry from the "
                                   "sorting, SpikeGLX coordinates in micrometres",
-        serial_number=sn or None, manufacturer="IMEC" if pn else None)
+        serial_number=sn or None, model=model)
     shank = np.asarray(sorting["shank"].values, np.int64)
     locs = [location] * len(shank) if isinstance(location, str) else [str(v) for v in location]
     if len(locs) != len(shank):

@@ -60,18 +60,24 @@ def _summary(sorting: xr.Dataset) -> dict[str, str]:
         "recording": str(a.get("source", "") or "(in memory)"),
         "duration": f"{float(a.get('duration_s', 0.0)):.1f} s at {float(a.get('sampling_rate', 0.0)):.0f} Hz",
         "channels": f"{sorting.sizes.get('channel', 0)} sorted",
-        "units": f"{K} ({int((lab == 'good').sum())} good, {int((lab == 'mua').sum())} mua)",
+        "units": f"{K} (" + ", ".join(f"{int((lab == v).sum())} {v}" for v in
+                                      ["good", "mua"] + sorted(set(lab.tolist()) - {"good", "mua"})) + ")",
         "spikes": f"{sorting.sizes.get('spike', 0)}",
         "settings changed": _changed_settings(sorting),
         "spikearray": str(a.get("spikearray_version", "")),
     }
     if a.get("timings"):
         out["stage timings"] = json_compact(a["timings"])
+    if a.get("phy_folder"):
+        redone = a.get("templates_recomputed", [])
+        out["curation"] = (f"read back from the Phy folder {a['phy_folder']} (labels from cluster_group.tsv; "
+                           f"templates of {len(redone)} merged/split units recomputed from the recording)")
     return out
 
 
 def write_report(out_dir: str | os.PathLike, *, sorting: xr.Dataset | None = None, recording: Any = None,
-                 progress: bool = False, n_waveforms: int = 50, n_channels: int = 12) -> Path:
+                 progress: bool = False, n_waveforms: int = 50, n_channels: int = 12,
+                 curated: bool = False) -> Path:
     """Write ``out_dir/report/index.html`` and its PNG figures: a picture of one sorting that opens from disk.
 
     Figures: probe layout with unit positions; drift maps before and after correction with the displacement
@@ -96,11 +102,15 @@ def write_report(out_dir: str | os.PathLike, *, sorting: xr.Dataset | None = Non
         Raw spikes sampled per unit.
     n_channels : int
         Channels drawn around each unit's best channel.
+    curated : bool
+        Draw the Phy-curated sorting instead: ``sorting`` defaults to ``spikearray.read_phy(out_dir/"phy")``
+        (merges, splits and Phy's labels, noise units included and labelled) and the page goes to
+        ``out_dir/report-curated`` so the sorter's own report stays.
 
     Returns
     -------
     Path
-        ``out_dir/report/index.html``.
+        ``out_dir/report/index.html`` (``out_dir/report-curated/index.html`` when ``curated``).
 
     Raises
     ------
@@ -118,13 +128,18 @@ def write_report(out_dir: str | os.PathLike, *, sorting: xr.Dataset | None = Non
 
     out_dir = Path(out_dir)
     say = _Progress(progress)
+    name = "report-curated" if curated else "report"
+    if sorting is None and curated:
+        from ..export import read_phy
+
+        sorting = read_phy(out_dir / "phy", recording=recording if recording is not None else "auto")
     if sorting is None:
         sorting = open_sorting(out_dir)
     # every variable the figures use is small next to the raw data: read it once
     sorting = sorting.load()
     K = sorting.sizes.get("unit", 0)
     sections: list[Section] = []
-    with atomic_dir(out_dir / "report", overwrite=True, what="report") as tmp:
+    with atomic_dir(out_dir / name, overwrite=True, what="report") as tmp:
         # --- probe
         fig = MplFigure(figsize=(5, 9), layout="constrained")
         plot_probe(sorting, fig.add_subplot())
@@ -201,9 +216,9 @@ def write_report(out_dir: str | os.PathLike, *, sorting: xr.Dataset | None = Non
             "the acg_threshold a good unit must stay under.")]))
         say("histograms")
         sections.append(Section("table", "Units table", html_blocks=[units_table(sorting)]))
-        title = f"spikearray sorting report: {out_dir.resolve().name}"
+        title = f"spikearray {'curated ' if curated else ''}sorting report: {out_dir.resolve().name}"
         (tmp / "index.html").write_text(render_page(title, _summary(sorting), sections), encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps({"figures": [f.src for s in sections for f in s.figures],
                                                      "n_units": K, "sampled_spikes": spikes is not None}))
-    say(f"written to {out_dir / 'report' / 'index.html'}")
-    return out_dir / "report" / "index.html"
+    say(f"written to {out_dir / name / 'index.html'}")
+    return out_dir / name / "index.html"
