@@ -14,7 +14,7 @@ from _sorting import make_sorting
 from spikearray import open_recording
 from spikearray.errors import OutputError, OutputExistsError
 from spikearray.export import export_phy, phy, read_phy
-from spikearray.export.phy import template_similarity
+from spikearray.clustering.similarity import template_similarity
 from spikearray.synthetic import write_spikeglx
 
 KS4_FILES = ["spike_times.npy", "spike_templates.npy", "spike_clusters.npy", "amplitudes.npy", "templates.npy",
@@ -213,7 +213,11 @@ def test_no_pc_features_and_computed_similarity(small_recording, tmp_path):
     # A template shifted in time is found similar at its best lag.
     t = ds["template_whitened"].values
     shifted = np.concatenate([t[:1], np.roll(t[:1], 3, axis=1)])
-    assert template_similarity(shifted)[0, 1] > 0.95 > template_similarity(shifted, max_lag=0)[0, 1]
+    sim = template_similarity(shifted, sample_axis=1, symmetric=True)[0]
+    assert sim[0, 1] > 0.95 > template_similarity(shifted, 0, sample_axis=1)[0][0, 1]
+    np.testing.assert_array_equal(sim, sim.T)
+    # the stages' (K, C, nt) layout gives the same numbers
+    np.testing.assert_allclose(template_similarity(shifted.transpose(0, 2, 1), symmetric=True)[0], sim)
     assert "spike_pc" not in read_phy(folder)
 
 

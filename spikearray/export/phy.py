@@ -24,39 +24,18 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..clustering.similarity import template_similarity as _similarity
+from ..clustering.similarity import template_similarity
 from ..errors import OutputError
 from ._atomic import atomic_dir, require_free_space
 from .zarr_store import jsonable
 
-__all__ = ["export_phy", "validate_phy_folder", "template_similarity", "phy_whitening", "PHY_FOLDER"]
+__all__ = ["export_phy", "validate_phy_folder", "phy_whitening", "PHY_FOLDER"]
 
 PHY_FOLDER = "phy"
 NO_PATH = "no_path.bin"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def template_similarity(templates: np.ndarray, *, max_lag: int | None = None) -> np.ndarray:
-    """Max-over-lags normalised cross-correlation of templates (Phy's ``similar_templates.npy``).
-
-    Parameters
-    ----------
-    templates : ndarray, shape (K, nt, C)
-        Whitened templates.
-    max_lag : int, optional
-        Largest shift in samples (default ``nt // 6``, i.e. ±10 samples at nt = 61).
-
-    Returns
-    -------
-    ndarray of float32, shape (K, K)
-        1 on the diagonal for non-zero templates; symmetric.
-    """
-    t = np.asarray(templates)
-    nt = t.shape[1] if t.ndim == 3 else 1
-    sim, _ = _similarity(np.swapaxes(t, 1, 2), nt // 6 if max_lag is None else int(max_lag))
-    return np.maximum(sim, sim.T)
-
-
 def phy_whitening(W: np.ndarray, templates_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Whitening matrix, its inverse and templates in the frame both Phy and SpikeInterface unwhiten correctly.
 
@@ -293,7 +272,7 @@ def export_phy(sorting: xr.Dataset | str | os.PathLike, recording: Any = None,
             warnings.warn(f"template_whitened @ whitening_mat_inv differs from template (µV) by up to {err:.3g} µV; "
                           "the sorting's whitening matrix and templates disagree.", stacklevel=2)
     sim = (_np(ds["similarity"].data).astype(np.float32) if "similarity" in ds
-           else template_similarity(templates))
+           else template_similarity(templates, sample_axis=1, symmetric=True)[0])
     x, y = ds["x"].values, ds["y"].values
     shank = ds["shank"].values if "shank" in ds.coords else np.zeros(C)
 

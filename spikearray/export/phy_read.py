@@ -278,9 +278,9 @@ def read_phy(folder: str | os.PathLike, *, recording: Any = "auto", max_spikes_p
     if sim_file is not None and unchanged.all() and sim_file.shape == (nT, nT):
         similarity = sim_file[np.ix_(ids, ids)].astype(np.float32)
     else:
-        from .phy import template_similarity
+        from ..clustering.similarity import template_similarity
 
-        similarity = template_similarity(tw)
+        similarity = template_similarity(tw, sample_axis=1, symmetric=True)[0]
 
     data: dict[str, Any] = {
         "spike_time": ("spike", st),
@@ -381,7 +381,7 @@ def _recompute_templates(ds: xr.Dataset, changed: list[int], recording: Any, *, 
     from ..report.waveforms import sample_spike_waveforms
     from ..settings import Settings
     from .curation import select_units
-    from .phy import template_similarity
+    from ..clustering.similarity import template_similarity
 
     reader = _recording_for_templates(ds, recording, scale_known)
     if reader is None:
@@ -419,6 +419,6 @@ def _recompute_templates(ds: xr.Dataset, changed: list[int], recording: Any, *, 
     out["unit_x"] = ("unit", unit_x)
     out["depth"] = ("unit", depth)
     if "similarity" in ds:
-        out["similarity"] = (("unit", "unit_b"), template_similarity(tw))
+        out["similarity"] = (("unit", "unit_b"), template_similarity(tw, sample_axis=1, symmetric=True)[0])
     out.attrs = {**ds.attrs, "templates_recomputed": done}
     return out
