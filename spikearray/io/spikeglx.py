@@ -51,35 +51,123 @@ def find_meta(path: Path) -> Path:
     return path.with_suffix(".meta")
 
 
-def _parse_subset(text: str, n_saved: int) -> np.ndarray:
+_MAX_CHANNEL_ID = 1 << 20  # far above any acquired channel id (a quad-base probe has 1536 + 4)
+
+
+def _bad(path: Path, key: str, value: str, expected: str) -> MetaFileError:
+    """The error for a ``.meta`` value that is not what SpikeGLX writes."""
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    return MetaFileError(
+        f"{path}: {key}={shown!r} is not valid; expected {expected}. The .meta may be damaged or hand-edited: "
+        "re-export it from SpikeGLX, or open the .bin as raw with n_channels, sampling_rate, gain_to_uV and probe."
+    )
+
+
+def _int(meta: dict[str, str], key: str, path: Path, *, minimum: int | None = None, default: int | None = None) -> int:
+    """``meta[key]`` as an int (``default`` when absent and given), else :class:`MetaFileError` naming the key."""
+    if key not in meta and default is not None:
+        return default
+    text = _need(meta, key, path)
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise _bad(path, key, text, "an integer") from None
+    if minimum is not None and value < minimum:
+        raise _bad(path, key, text, f"an integer >= {minimum}")
+    return value
+
+
+def _float(meta: dict[str, str], key: str, path: Path, *, default: float | None = None) -> float:
+    """``meta[key]`` as a finite positive float (``default`` when absent and given)."""
+    if key not in meta and default is not None:
+        return default
+    text = _need(meta, key, path)
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise _bad(path, key, text, "a positive number") from None
+    if not (np.isfinite(value) and value > 0):
+        raise _bad(path, key, text, "a finite positive number")
+    return value
+
+
+def _counts(meta: dict[str, str], key: str, path: Path) -> list[int]:
+    """``snsApLfSy``/``acqApLfSy``: three non-negative channel counts (AP, LF, SY)."""
+    text = meta[key]
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise _bad(path, key, text, "three comma-separated channel counts AP,LF,SY (e.g. 384,0,1)") from None
+    if len(counts) != 3 or min(counts) < 0 or max(counts) > _MAX_CHANNEL_ID:
+        raise _bad(path, key, text, "three comma-separated channel counts AP,LF,SY (e.g. 384,0,1)")
+    return counts
+
+
+def _parse_subset(text: str, n_saved: int, path: Path | None = None) -> np.ndarray:
+    """``snsSaveChanSubset`` (``all`` or a printer-style list such as ``0:383,768``) as acquired channel ids."""
     if text.strip().lower() == "all":
         return np.arange(n_saved)
     out: list[int] = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if ":" in item:
-            a, b = item.split(":")
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(item))
+    expected = "'all' or a list of channel ids and inclusive ranges such as 0:383,768"
+    try:
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if ":" in item:
+                a, b = (int(v) for v in item.split(":"))
+                if not 0 <= a <= b < _MAX_CHANNEL_ID:
+                    raise ValueError(item)
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(item))
+                if not 0 <= out[-1] < _MAX_CHANNEL_ID:
+                    raise ValueError(item)
+    except ValueError:
+        raise _bad(path or Path(".meta"), "snsSaveChanSubset", text, expected) from None
+    if len(set(out)) != len(out):
+        raise _bad(path or Path(".meta"), "snsSaveChanSubset", text, expected + ", each channel once")
     return np.asarray(out, dtype=np.int64)
 
 
-def _entries(table: str) -> tuple[str, list[str]]:
+def _entries(table: str, key: str = "table", path: Path | None = None) -> tuple[str, list[str]]:
     parts = [p for p in (s.strip().lstrip("(") for s in table.split(")")) if p]
     if not parts:
-        raise MetaFileError("empty table in .meta")
+        raise _bad(path or Path(".meta"), f"~{key}", table, "a table (header)(entry)(entry)...")
     return parts[0], parts[1:]
 
 
-def _probe_type(meta: dict[str, str]) -> int:
+class _TableError(Exception):
+    """A field of a ``.meta`` table did not parse (turned into :class:`MetaFileError` naming the table)."""
+
+
+def _table_int(field: str) -> int:
+    try:
+        value = int(field)
+    except ValueError:
+        raise _TableError(field) from None
+    if abs(value) >= _MAX_CHANNEL_ID:  # channel, bank, shank and electrode ids are all small
+        raise _TableError(field)
+    return value
+
+
+def _table_float(field: str) -> float:
+    try:
+        value = float(field)
+    except ValueError:
+        raise _TableError(field) from None
+    if not np.isfinite(value):
+        raise _TableError(field)
+    return value
+
+
+def _probe_type(meta: dict[str, str], path: Path | None = None) -> int:
+    path = path or Path(".meta")
     if "imDatPrb_type" in meta:
-        return int(meta["imDatPrb_type"])
+        return _int(meta, "imDatPrb_type", path, minimum=0)
     if "imroTbl" in meta:
-        head, _ = _entries(meta["imroTbl"])
-        first = head.split(",")[0]
+        head, _ = _entries(meta["imroTbl"], "imroTbl", path)
+        first = head.split(",")[0].strip()
         if first.isdigit():
             return int(first)
         pn = re.sub(r"\D", "", first)
@@ -100,58 +188,90 @@ def _need(meta: dict[str, str], key: str, path: Path) -> str:
 
 def _ap_gains(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path) -> np.ndarray:
     """AP gain of each readout channel, by the first rule of formats.md §1.4 that applies."""
+    try:
+        return _ap_gains_unchecked(meta, ptype, readout, path)
+    except (_TableError, IndexError) as e:
+        raise _bad(path, "~imroTbl", meta.get("imroTbl", ""),
+                   f"integer fields in every entry (the field {str(e)!r} is not one)") from None
+
+
+def _ap_gains_unchecked(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path) -> np.ndarray:
     if ptype in NP1_TYPES and "imroTbl" in meta:
-        _, rows = _entries(meta["imroTbl"])
+        _, rows = _entries(meta["imroTbl"], "imroTbl", path)
         gains = {}
         for r in rows:
             f = r.split()
             if len(f) >= 5:
-                gains[int(f[0])] = float(f[3])
+                gains[_table_int(f[0])] = _table_float(f[3])
         if gains:
             try:
-                return np.array([gains[int(c)] for c in readout])
+                g = np.array([gains[int(c)] for c in readout], dtype=np.float64)
             except KeyError as e:
-                raise MetaFileError(f"{path}: ~imroTbl has no entry for readout channel {e}.") from None
+                raise MetaFileError(f"{path}: ~imroTbl has no entry for AP readout channel {e}, which "
+                                    "snsSaveChanSubset and acqApLfSy/snsApLfSy say is in the file; the table may be "
+                                    "cut short or the counts wrong.") from None
+            if not np.all(g > 0):
+                raise MetaFileError(f"{path}: ~imroTbl gives AP gain {g[g <= 0][0]:g} for a channel; expected "
+                                    "positive gains (e.g. 500).")
+            return g
     if "imChan0apGain" in meta:
-        return np.full(len(readout), float(meta["imChan0apGain"]))
+        return np.full(len(readout), _float(meta, "imChan0apGain", path))
     if ptype in (21, 24):
         return np.full(len(readout), 80.0)
     if ptype in (2003, 2013, 2000, 2010, 2014, 2020):
         return np.full(len(readout), 100.0)
     if ptype == 1110 and "imroTbl" in meta:
-        head, _ = _entries(meta["imroTbl"])
-        return np.full(len(readout), float(head.split(",")[3]))
+        head, _ = _entries(meta["imroTbl"], "imroTbl", path)
+        gain = _table_float(head.split(",")[3])
+        if gain <= 0:
+            raise _TableError(head)
+        return np.full(len(readout), gain)
     raise MetaFileError(
-        f"{path}: unknown probe type {ptype} and no per-channel gain (imroTbl/imChan0apGain); spikearray will not "
-        "guess a µV scale. Open the .bin as raw with gain_to_uV given."
+        f"{path}: unknown probe type {ptype} (imDatPrb_type, or the ~imroTbl header) and no per-channel gain "
+        "(~imroTbl/imChan0apGain); spikearray will not guess a µV scale. Open the .bin as raw with gain_to_uV given."
     )
 
 
 def _geometry(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path) -> tuple[np.ndarray, ...]:
     """x, y (µm), shank and contact ids of the saved neural channels, in file order."""
+    key = "snsGeomMap" if "snsGeomMap" in meta else "snsShankMap" if "snsShankMap" in meta else "imroTbl"
+    try:
+        out = _geometry_unchecked(meta, ptype, readout, path)
+    except (_TableError, ValueError, IndexError) as e:
+        if isinstance(e, MetaFileError):
+            raise
+        raise _bad(path, f"~{key}", meta.get(key, ""), f"numeric fields in every entry (could not read {str(e)!r})"
+                   ) from None
+    x, y, sh, _ = out
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or (len(sh) and sh.min() < 0):
+        raise _bad(path, f"~{key}", meta.get(key, ""), "finite positions and shank indices >= 0")
+    return out
+
+
+def _geometry_unchecked(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path) -> tuple[np.ndarray, ...]:
     n = len(readout)
     if "snsGeomMap" in meta:
-        head, rows = _entries(meta["snsGeomMap"])
+        head, rows = _entries(meta["snsGeomMap"], "snsGeomMap", path)
         hf = head.split(",")
-        pitch = float(hf[2]) if len(hf) > 2 else 0.0
+        pitch = _table_float(hf[2]) if len(hf) > 2 else 0.0
         if len(rows) < n:
             raise MetaFileError(f"{path}: ~snsGeomMap lists {len(rows)} channels but the file has {n} neural channels.")
         sh, x, z = [], [], []
         for r in rows[:n]:
             s, xx, zz = r.split(":")[:3]
-            sh.append(int(s))
-            x.append(int(s) * pitch + float(xx))
-            z.append(float(zz))
+            sh.append(_table_int(s))
+            x.append(sh[-1] * pitch + _table_float(xx))
+            z.append(_table_float(zz))
         sh_a = np.array(sh)
         ids = np.array([f"s{s}c{c}" for s, c in zip(sh, readout)])
         return np.array(x), np.array(z), sh_a, ids
     np1 = ptype in NP1_TYPES
     if "snsShankMap" in meta:
-        _, rows = _entries(meta["snsShankMap"])
+        _, rows = _entries(meta["snsShankMap"], "snsShankMap", path)
         if len(rows) >= n:
             sh, x, z = [], [], []
             for r in rows[:n]:
-                s, c, rr = (int(v) for v in r.split(":")[:3])
+                s, c, rr = (_table_int(v) for v in r.split(":")[:3])
                 if np1:
                     xx, zz = (27 if rr % 2 == 0 else 11) + 32 * c, 20.0 * rr
                 else:
@@ -161,23 +281,26 @@ def _geometry(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path)
                 z.append(zz)
             return np.array(x, float), np.array(z, float), np.array(sh), np.array([""] * n)
     if "imroTbl" in meta:
-        _, rows = _entries(meta["imroTbl"])
-        by_chan = {int(r.split()[0]): r.split() for r in rows if r.split()}
+        _, rows = _entries(meta["imroTbl"], "imroTbl", path)
+        by_chan = {_table_int(r.split()[0]): r.split() for r in rows if r.split()}
         sh, x, z, ids = [], [], [], []
         for c in readout:
             f = by_chan.get(int(c))
             if f is None:
-                break
+                raise MetaFileError(
+                    f"{path}: ~imroTbl has no entry for AP readout channel {int(c)}, which snsSaveChanSubset and "
+                    "acqApLfSy/snsApLfSy say is in the file; the table may be cut short or the counts wrong."
+                )
             if np1:
-                e, s = int(f[0]) + 384 * int(f[1]), 0
+                e, s = _table_int(f[0]) + 384 * _table_int(f[1]), 0
                 row, col = e // 2, e % 2
                 xx, zz = (27 if row % 2 == 0 else 11) + 32 * col, 20.0 * row
             elif ptype in NP2_4SHANK:
-                s, e = int(f[1]), int(f[4])
+                s, e = _table_int(f[1]), _table_int(f[4])
                 row, col = e // 2, e % 2
                 xx, zz = 27 + 32 * col, 15.0 * row
             elif ptype in NP2_1SHANK:
-                s, e = 0, int(f[3])
+                s, e = 0, _table_int(f[3])
                 row, col = e // 2, e % 2
                 xx, zz = 27 + 32 * col, 15.0 * row
             else:
@@ -192,6 +315,30 @@ def _geometry(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path)
         f"{path}: no contact geometry (no ~snsGeomMap, ~snsShankMap or usable ~imroTbl for probe type {ptype}); "
         "pass a probe file with probe=..."
     )
+
+
+def _check_chan_map(meta: dict[str, str], n_saved: int, sync: np.ndarray, path: Path) -> None:
+    """``~snsChanMap`` (labels only) must list every saved channel, with the SY word(s) where the sync columns are."""
+    if "snsChanMap" not in meta:
+        return
+    text = meta["snsChanMap"]
+    fix = ("the .meta is inconsistent (from another file, or hand-edited). Re-export it from SpikeGLX; this table "
+           "only labels channels, so deleting its line from a copy of the .meta also works.")
+    _, rows = _entries(text, "snsChanMap", path)
+    names = []
+    for r in rows:
+        name, sep, rest = r.partition(";")
+        if not sep or ":" not in rest:
+            raise _bad(path, "~snsChanMap", text, "entries (NAME;channel:order) such as (AP12;12:12)")
+        names.append(name.strip())
+    if len(names) != n_saved:
+        raise MetaFileError(f"{path}: ~snsChanMap lists {len(names)} channels but nSavedChans={n_saved}; {fix}")
+    named_sync = [j for j, nm in enumerate(names) if nm.upper().startswith("SY")]
+    if named_sync != sync.tolist():
+        raise MetaFileError(
+            f"{path}: ~snsChanMap names file column(s) {named_sync} SY, but snsSaveChanSubset and acqApLfSy put the "
+            f"sync word in column(s) {sync.tolist()}; {fix}"
+        )
 
 
 @dataclass(frozen=True)
@@ -253,19 +400,18 @@ def spikeglx_info(path: str | Path) -> SpikeGLXInfo:
     stream = meta.get("typeThis", "imec")
     if stream != "imec":
         raise RecordingError(
-            f"{meta_path.name} describes a {stream!r} stream; spikearray sorts imec probe streams (*.imecN.ap.bin)."
+            f"{meta_path.name} describes a {stream!r} stream (typeThis={stream!r}); spikearray sorts imec probe "
+            "streams (*.imecN.ap.bin)."
         )
-    n_saved = int(_need(meta, "nSavedChans", meta_path))
-    rate = float(_need(meta, "imSampRate", meta_path))
-    if rate <= 0:
-        raise MetaFileError(f"{meta_path}: imSampRate = {rate}; expected a positive rate in Hz.")
+    n_saved = _int(meta, "nSavedChans", meta_path, minimum=1)
+    rate = _float(meta, "imSampRate", meta_path)
     size = bin_path.stat().st_size
     frame = 2 * n_saved
     if size == 0:
         from ..errors import EmptyRecordingError
 
         raise EmptyRecordingError(f"{bin_path} is empty (0 bytes); nothing to sort.")
-    declared = int(meta["fileSizeBytes"]) if "fileSizeBytes" in meta else size
+    declared = _int(meta, "fileSizeBytes", meta_path, minimum=0, default=size)
     if size % frame:
         raise FileSizeError(
             f"{bin_path.name} is {size} bytes, not a whole number of {n_saved}-channel int16 samples "
@@ -278,11 +424,12 @@ def spikeglx_info(path: str | Path) -> SpikeGLXInfo:
             "The .bin was cut short or grown after recording, or the .meta belongs to another file; pair the right "
             "files, or fix fileSizeBytes in a copy of the .meta if you know the data are intact."
         )
-    counts = [int(v) for v in _need(meta, "snsApLfSy", meta_path).split(",")]
+    _need(meta, "snsApLfSy", meta_path)
+    counts = _counts(meta, "snsApLfSy", meta_path)
     if sum(counts) != n_saved:
         raise MetaFileError(f"{meta_path}: snsApLfSy={counts} sums to {sum(counts)} but nSavedChans={n_saved}.")
-    acq = [int(v) for v in meta.get("acqApLfSy", meta["snsApLfSy"]).split(",")]
-    orig = _parse_subset(meta.get("snsSaveChanSubset", "all"), n_saved)
+    acq = _counts(meta, "acqApLfSy" if "acqApLfSy" in meta else "snsApLfSy", meta_path)
+    orig = _parse_subset(meta.get("snsSaveChanSubset", "all"), n_saved, meta_path)
     if len(orig) != n_saved:
         raise MetaFileError(
             f"{meta_path}: snsSaveChanSubset lists {len(orig)} channels but nSavedChans={n_saved}."
@@ -290,14 +437,22 @@ def spikeglx_info(path: str | Path) -> SpikeGLXInfo:
     a, lf = acq[0], acq[1]
     is_ap = orig < a
     is_sync = orig >= a + lf
+    got = [int(is_ap.sum()), int((~is_ap & ~is_sync).sum()), int(is_sync.sum())]
+    if got != counts:
+        raise MetaFileError(
+            f"{meta_path}: snsSaveChanSubset={meta.get('snsSaveChanSubset', 'all')!r} holds {got[0]} AP, {got[1]} LF "
+            f"and {got[2]} SY channels by acqApLfSy={acq}, but snsApLfSy={counts} says the file holds "
+            f"{counts[0]}, {counts[1]} and {counts[2]}; the .meta is inconsistent (hand-edited, or from another file)."
+        )
     neural = np.flatnonzero(is_ap)
     sync = np.flatnonzero(is_sync)
     if len(neural) == 0:
         raise RecordingError(f"{meta_path.name}: no AP channels in this file (snsApLfSy={counts}); open the .ap.bin.")
+    _check_chan_map(meta, n_saved, sync, meta_path)
     readout = orig[neural]
-    ptype = _probe_type(meta)
-    rng_max = float(meta.get("imAiRangeMax", 0.6))
-    max_int = float(meta.get("imMaxInt", 512))
+    ptype = _probe_type(meta, meta_path)
+    rng_max = _float(meta, "imAiRangeMax", meta_path, default=0.6)
+    max_int = _float(meta, "imMaxInt", meta_path, default=512.0)
     gains = _ap_gains(meta, ptype, readout, meta_path)
     uv = 1e6 * rng_max / max_int / gains
     x, y, sh, ids = _geometry(meta, ptype, readout, meta_path)
