@@ -28,15 +28,22 @@ __all__ = ["to_sorting_analyzer", "to_spikeinterface_recording", "unit_sparsity"
 FORMATS = ("memory", "binary_folder", "zarr")
 
 
-def unit_sparsity(sorting: xr.Dataset, threshold: float = 0.05) -> np.ndarray:
-    """Each unit's channels from its template: peak-to-peak at least ``threshold`` × its largest, and not zero.
+def unit_sparsity(sorting: xr.Dataset, threshold: float = 0.1, radius_um: float = 100.0) -> np.ndarray:
+    """Each unit's channels, from its template: the channels near its best channel where the template is large.
+
+    A channel belongs to a unit when it is on the best channel's shank, within ``radius_um`` of it, and the
+    unit's template peak-to-peak there is at least ``threshold`` × its largest. (The radius alone is
+    SpikeInterface's default sparsity; the threshold drops channels the unit barely reaches.)
 
     Parameters
     ----------
     sorting : xarray.Dataset
-        Sorting Dataset with ``template`` (unit, sample, channel) in µV.
+        Sorting Dataset with ``template`` (unit, sample, channel) in µV, ``best_channel``, and channel coords
+        ``x``, ``y`` (µm), ``shank``.
     threshold : float
         Fraction of the unit's largest channel peak-to-peak.
+    radius_um : float
+        Distance from the best channel (µm).
 
     Returns
     -------
@@ -47,14 +54,22 @@ def unit_sparsity(sorting: xr.Dataset, threshold: float = 0.05) -> np.ndarray:
     --------
     >>> from spikearray.export.analyzer import unit_sparsity
     >>> mask = unit_sparsity(sorting)  # doctest: +SKIP
+    >>> mask.sum(axis=1)  # channels per unit  # doctest: +SKIP
     """
     t = np.asarray(sorting["template"].values, np.float32)
-    ptp = np.ptp(t, axis=1) if t.shape[1] else np.zeros((t.shape[0], t.shape[2]), np.float32)
-    mask = (ptp > 0) & (ptp >= threshold * ptp.max(axis=1, keepdims=True))
+    K, C = t.shape[0], t.shape[2]
+    ptp = np.ptp(t, axis=1) if t.shape[1] else np.zeros((K, C), np.float32)
     pos = {int(c): i for i, c in enumerate(sorting["channel"].values)}
     if "best_channel" in sorting:
-        best = [pos[int(c)] for c in sorting["best_channel"].values]
-        mask[np.arange(len(best)), best] = True
+        best = np.array([pos[int(c)] for c in sorting["best_channel"].values], np.int64)
+    else:
+        best = ptp.argmax(axis=1) if C else np.zeros(K, np.int64)
+    x, y = np.asarray(sorting["x"].values, float), np.asarray(sorting["y"].values, float)
+    shank = np.asarray(sorting["shank"].values)
+    near = (np.hypot(x[None, :] - x[best][:, None], y[None, :] - y[best][:, None]) <= radius_um) & \
+        (shank[None, :] == shank[best][:, None])
+    mask = near & (ptp > 0) & (ptp >= threshold * ptp.max(axis=1, keepdims=True))
+    mask[np.arange(K), best] = True
     return mask
 
 
@@ -169,7 +184,8 @@ def _fill(analyzer: Any, cls: Any, params: dict, data: dict) -> None:
 def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.DataArray | str | os.PathLike |
                         None = None, folder: str | os.PathLike | None = None,
                         format: Literal["memory", "binary_folder", "zarr"] = "memory", *, preprocess: bool = True,
-                        sparsity_threshold: float = 0.05, noise_levels: bool = True,
+                        sparsity_threshold: float = 0.1, sparsity_radius_um: float = 100.0, noise_levels: bool = True,
+                        template_std: bool = True,
                         overwrite: bool = False) -> Any:
     """A SpikeInterface ``SortingAnalyzer`` of a sorting, with its templates, amplitudes and locations filled in.
 
@@ -188,12 +204,16 @@ def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.D
     preprocess : bool
         Attach the recording high-passed and common-referenced like the sorting (the space of its templates);
         False attaches the raw µV recording.
-    sparsity_threshold : float
-        Unit sparsity: channels whose template peak-to-peak is at least this fraction of the unit's largest
-        (:func:`unit_sparsity`).
+    sparsity_threshold, sparsity_radius_um : float
+        Unit sparsity (:func:`unit_sparsity`): channels within ``sparsity_radius_um`` of the best channel whose
+        template peak-to-peak is at least ``sparsity_threshold`` of the unit's largest.
     noise_levels : bool
         Also compute SpikeInterface's ``noise_levels`` extension from the recording (random chunks; needed by
         the SNR metric).
+    template_std : bool
+        Also give the ``templates`` extension its ``std`` operator (SpikeInterface's template widgets draw it),
+        estimated by SpikeInterface from the ``random_spikes`` (up to 500 per unit) in the attached recording;
+        the ``average`` stays the Dataset's.
     overwrite : bool
         Replace an existing ``folder``.
 
@@ -202,7 +222,7 @@ def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.D
     spikeinterface.core.SortingAnalyzer
         Unit ids = the Dataset's; channel ids = file rows. Extensions: ``random_spikes`` (SpikeInterface's
         default selection), ``templates`` (``average`` = the Dataset's µV ``template``, dense, ``ms_before`` =
-        ``nt0min`` samples), ``spike_amplitudes`` (the Dataset's ``spike_amplitude`` in SpikeInterface's
+        ``nt0min`` samples; ``std`` see ``template_std``), ``spike_amplitudes`` (the Dataset's ``spike_amplitude`` in SpikeInterface's
         convention: signed µV at the template's extremum on the main channel, i.e. ``spike_amplitude ×
         extremum / amplitude``), ``spike_locations`` (``spike_x``, ``spike_depth``), ``unit_locations``
         (``unit_x``, ``depth``), and ``noise_levels``.
@@ -266,7 +286,7 @@ def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.D
                                          common_reference=car and preprocess)
     si_sorting = to_spikeinterface(sorting)
     unit_ids = si_sorting.unit_ids
-    mask = unit_sparsity(sorting, sparsity_threshold)
+    mask = unit_sparsity(sorting, sparsity_threshold, sparsity_radius_um)
     sparsity = sic.ChannelSparsity(mask, unit_ids=unit_ids, channel_ids=si_rec.channel_ids)
     chan_pos = {int(c): i for i, c in enumerate(chans)}
     best = np.array([chan_pos[int(c)] for c in sorting["best_channel"].values], np.int64)
@@ -285,8 +305,17 @@ def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.D
     fs = float(sorting.attrs["sampling_rate"])
     nt = int(sorting.sizes["sample"])
     tmpl = np.asarray(sorting["template"].values, np.float32)
-    _fill(analyzer, ComputeTemplates, {"operators": ["average"], "ms_before": 1000.0 * nt0min / fs,
-                                       "ms_after": 1000.0 * (nt - nt0min) / fs}, {"average": tmpl})
+    tdata: dict[str, np.ndarray] = {"average": tmpl}
+    if template_std:
+        from spikeinterface.core.waveform_tools import estimate_templates_with_accumulator
+
+        some = analyzer.get_extension("random_spikes").get_random_spikes()
+        _, std = estimate_templates_with_accumulator(si_rec, some, unit_ids, nt0min, nt - nt0min, return_in_uV=True,
+                                                     sparsity_mask=mask, return_std=True, n_jobs=1,
+                                                     progress_bar=False)
+        tdata["std"] = sparsity.densify_templates(std).astype(np.float32)
+    _fill(analyzer, ComputeTemplates, {"operators": list(tdata), "ms_before": 1000.0 * nt0min / fs,
+                                       "ms_after": 1000.0 * (nt - nt0min) / fs}, tdata)
 
     vec = analyzer.sorting.to_spike_vector()
     st = np.asarray(sorting["spike_time"].values, np.int64)
