@@ -114,7 +114,7 @@ def _write(folder: Path, meta: dict) -> Path:
     return bin_path
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=garbled())
 def test_garbled_meta_opens_sanely_or_names_the_key(case):
     base, meta, touched = case
