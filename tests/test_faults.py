@@ -217,7 +217,7 @@ def test_int16_copy_disk_full_deletes_the_partial_file(tmp_path, small_recording
     monkeypatch.setattr(_cache, "_write_block", _fail_after(1, _cache._write_block))  # full on the 2nd chunk
     with pytest.raises(DiskFullError) as e:
         _cache.write_int16(rec, target)
-    assert f"needs about {_atomic.format_bytes(2 * rec.size)}" in str(e.value) and str(target) in str(e.value)
+    assert f"needs {_atomic.format_bytes(2 * rec.size)}" in str(e.value) and str(target) in str(e.value)
     assert e.value.needed == 2 * rec.shape[0] * rec.shape[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the copy nor its .partial
     monkeypatch.undo()

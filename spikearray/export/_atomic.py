@@ -59,10 +59,13 @@ def disk_full_cause(exc: BaseException) -> OSError | None:
 
 
 def disk_full_error(path: str | os.PathLike, needed: int | None, what: str, *, free: int | None = None,
-                    kept: str = "") -> DiskFullError:
-    """The :class:`DiskFullError` for ``what`` at ``path``: how much it needed, how much was free, what was kept."""
+                    kept: str = "", exact: bool = False) -> DiskFullError:
+    """The :class:`DiskFullError` for ``what`` at ``path``: how much it needed, how much was free, what was kept.
+
+    ``exact`` says ``needed`` is the exact size (else it is called an estimate: "needs about …").
+    """
     free = free_bytes(path) if free is None else free
-    approx = "" if needed is None else " about"
+    approx = "" if needed is None or exact else " about"
     return DiskFullError(
         f"no space left on the device for {what} {str(path)!r}: it needs{approx} {format_bytes(needed)}, and "
         f"{format_bytes(free)} {'was' if free is not None else 'is'} free there. {kept}Free some space on that "
@@ -70,7 +73,7 @@ def disk_full_error(path: str | os.PathLike, needed: int | None, what: str, *, f
         path=str(path), needed=needed, free=free)
 
 
-def require_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
+def require_free_space(path: str | os.PathLike, needed: int, what: str, *, exact: bool = False) -> None:
     """Raise :class:`DiskFullError` now if the filesystem holding ``path`` has less than ``needed`` bytes free.
 
     Parameters
@@ -81,6 +84,13 @@ def require_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
         Bytes the write will take.
     what : str
         Name of the output in the message (e.g. ``"the preprocessed int16 copy"``).
+    exact : bool
+        ``needed`` is exact rather than an estimate (changes only the wording).
+
+    Raises
+    ------
+    DiskFullError
+        Less than ``needed`` bytes are free; nothing has been written.
 
     Examples
     --------
@@ -88,7 +98,7 @@ def require_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
     """
     free = free_bytes(path)
     if free is not None and needed > free:
-        raise disk_full_error(path, int(needed), what, free=free, kept="Nothing was written. ")
+        raise disk_full_error(path, int(needed), what, free=free, kept="Nothing was written. ", exact=exact)
 
 PARTIAL_MARK = ".partial-"
 _OLD_MARK = ".old-"
