@@ -41,10 +41,12 @@ class RecordingAccessor:
 
     def to_uV(self) -> xr.DataArray:
         """The recording as float32 µV (lazy): counts × ``gain_to_uV`` per channel."""
+        from .geometry import uV_gains
+
         obj = self._obj
         if obj.attrs.get("units") == "uV":
             return obj.astype("float32")
-        gain = obj["gain_to_uV"].astype("float32")
+        gain = xr.DataArray(uV_gains(obj), dims="channel")
         out = (obj.astype("float32") * gain).astype("float32")
         out.attrs = {k: v for k, v in obj.attrs.items() if k != "gain_to_uV"}
         out.attrs["units"] = "uV"

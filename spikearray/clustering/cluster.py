@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..geometry import vertical_pitch
+from ..geometry import shanks, vertical_pitch
 from ..settings import Settings
 from .similarity import template_similarity
 from .splitmerge import split_merge
@@ -170,7 +170,7 @@ def cluster_spikes(spikes: xr.Dataset, bases: xr.Dataset, channels: xr.Dataset |
     """
     s = Settings.coerce(settings)
     pos = np.stack([channels["x"].values, channels["y"].values], 1).astype(float)
-    shank = np.asarray(channels["shank"].values) if "shank" in channels.coords else np.zeros(len(pos), int)
+    shank = shanks(channels)
     C = len(pos)
     dmin = s.dmin if s.dmin is not None else vertical_pitch(pos)
     pcs = bases["pc"].values

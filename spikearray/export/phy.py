@@ -26,6 +26,7 @@ import xarray as xr
 
 from ..clustering.similarity import template_similarity
 from ..errors import OutputError
+from ..geometry import shanks
 from ._atomic import atomic_dir, require_free_space
 from .zarr_store import jsonable
 
@@ -274,7 +275,7 @@ def export_phy(sorting: xr.Dataset | str | os.PathLike, recording: Any = None,
     sim = (_np(ds["similarity"].data).astype(np.float32) if "similarity" in ds
            else template_similarity(templates, sample_axis=1, symmetric=True)[0])
     x, y = ds["x"].values, ds["y"].values
-    shank = ds["shank"].values if "shank" in ds.coords else np.zeros(C)
+    shank = shanks(ds)
 
     n_spk = np.bincount(tpos, minlength=K) if len(su) else np.zeros(K, np.int64)
     dat_path, dat_file = _dat_path(info["source"], final)

@@ -11,11 +11,9 @@ import numpy as np
 import xarray as xr
 
 from ..errors import DataError, RecordingError
+from ..geometry import uV_gains  # noqa: F401  (re-exported: the stages import it from here)
 
 __all__ = ["uV_gains", "derive_attrs", "check_recording", "check_finite", "block_start", "json_friendly"]
-
-# units of inputs that are already floats in their final scale (no gain applied)
-_SCALED_UNITS = ("uV", "whitened")
 
 
 def check_recording(rec: Any, stage: str) -> xr.DataArray:
@@ -30,22 +28,6 @@ def check_recording(rec: Any, stage: str) -> xr.DataArray:
         raise RecordingError(f"{stage}: the recording has no 'sampling_rate' attr; open it with open_recording or "
                              "make_recording.")
     return rec
-
-
-def uV_gains(rec: xr.DataArray) -> np.ndarray:
-    """Per-channel factor (float32, shape ``(n_channels,)``) that turns the stored samples into µV.
-
-    Recordings in ``"counts"`` are scaled by the ``gain_to_uV`` coordinate (or attr); recordings already in µV
-    (or whitened units) get 1.
-    """
-    if rec.attrs.get("units") in _SCALED_UNITS:
-        return np.ones(rec.sizes["channel"], dtype=np.float32)
-    if "gain_to_uV" in rec.coords:
-        g = np.asarray(rec["gain_to_uV"].values, dtype=np.float32)
-    else:
-        g = np.broadcast_to(np.asarray(rec.attrs.get("gain_to_uV", 1.0), dtype=np.float32),
-                            (rec.sizes["channel"],))
-    return np.ascontiguousarray(g, dtype=np.float32)
 
 
 def json_friendly(value: Any) -> Any:

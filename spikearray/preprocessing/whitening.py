@@ -9,12 +9,13 @@ import xarray as xr
 
 from .._compute import default_torch_threads, resolve_device, torch_threads
 from ..errors import DataError, ProbeMismatchError, SettingsError
-from ._common import check_finite, check_recording, derive_attrs, json_friendly, uV_gains
+from ..geometry import neighbourhoods, uV_gains
+from ._common import check_finite, check_recording, derive_attrs, json_friendly
 from ._graph import as_dask, map_time_blocks, sample_windows, wrap_like
 from ._kernels import band_blocks, covariance_block, whiten_block
 from .bad_channels import classify_bad_channels, robust_sd, warn_bad_channels
 
-__all__ = ["whitening_matrix", "whiten", "local_zca", "neighbourhoods", "needed_pairs", "covariance_tasks",
+__all__ = ["whitening_matrix", "whiten", "local_zca", "needed_pairs", "covariance_tasks",
            "matrix_from_estimates"]
 
 CONVENTION = "whitened[t, i] = sum_j W[i, j] * x[t, j]  (X @ W.T; W is symmetric by default)"
@@ -25,26 +26,6 @@ def _check_params(whitening_range: int, nskip: int, batch_size: int) -> None:
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise SettingsError(f"{name}={v!r}; expected a positive integer (Kilosort4 defaults: whitening_range=32,"
                                 " nskip=25, batch_size=60000).")
-
-
-def neighbourhoods(x: np.ndarray, y: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """``(c, k)`` indices of each channel's ``k`` nearest usable channels in (x, y), itself first.
-
-    Ties are broken by channel order; excluded channels never appear (their own row lists only themselves,
-    padded with -1).
-    """
-    c = len(x)
-    exclude = np.zeros(c, bool) if exclude is None else np.asarray(exclude, bool)
-    keep = np.flatnonzero(~exclude)
-    k = min(int(k), keep.size)
-    pos = np.stack([np.asarray(x, float), np.asarray(y, float)], axis=1)
-    d = np.hypot(pos[:, None, 0] - pos[None, keep, 0], pos[:, None, 1] - pos[None, keep, 1])
-    d[keep, np.arange(keep.size)] = -1.0  # self first
-    order = np.argsort(d, axis=1, kind="stable")[:, :k]
-    nb = keep[order]
-    nb[exclude] = -1
-    nb[exclude, 0] = np.flatnonzero(exclude)
-    return nb
 
 
 def needed_pairs(nb: np.ndarray) -> np.ndarray:
@@ -92,7 +73,7 @@ def local_zca(cov: np.ndarray, x: np.ndarray, y: np.ndarray, *, whitening_range:
     if keep.size == 0:
         return w
     eps_eff = max(float(eps), 1e-6 * float(np.median(np.diag(cov)[keep])))
-    nb = neighbourhoods(x, y, whitening_range, exclude)[keep]  # (n_keep, k), column 0 is the channel itself
+    nb = neighbourhoods(x, y, k=whitening_range, exclude=exclude)[keep]  # (n_keep, k), column 0 is the channel itself
     local = cov[nb[:, :, None], nb[:, None, :]]  # (n_keep, k, k)
     # torch's batched eigh on CPU (numpy's loops LAPACK per matrix and its BLAS threads can stall next to dask's)
     with torch_threads(1):
@@ -142,7 +123,7 @@ def matrix_from_estimates(rec: xr.DataArray, covs: list[tuple[np.ndarray, int]],
     ids = rec["channel"].values
     exclude = np.isin(ids, np.asarray(bad["dead"], dtype=ids.dtype)) if bad["dead"] else None
     if pairs is not None:
-        need = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, whitening_range, exclude))
+        need = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, k=whitening_range, exclude=exclude))
         if (need & ~pairs).any():
             covs = list(dask.compute(*covariance_tasks(rec, windows, device=torch.device("cpu"), threads=None)))
     total = sum(n for _, n in covs)
@@ -207,7 +188,7 @@ def whitening_matrix(rec: xr.DataArray, *, whitening_range: int = 32, nskip: int
     dev = resolve_device(device)
     threads = torch_threads or default_torch_threads()
     windows = sample_windows(rec.sizes["time"], batch_size=batch_size, nskip=nskip, seed=seed)
-    pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, whitening_range))
+    pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, k=whitening_range))
     results = dask.compute(*covariance_tasks(rec, windows, device=dev, threads=threads, pairs=pairs,
                                              with_sd=bad_channels is None))
     covs = [r[:2] for r in results]

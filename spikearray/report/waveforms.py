@@ -13,6 +13,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import SpikearrayError
+from ..geometry import uV_gains
 
 __all__ = ["RecordingUnavailable", "window_reader", "sample_spike_waveforms"]
 
@@ -38,12 +39,7 @@ def _from_dataarray(rec: xr.DataArray, sorting: xr.Dataset) -> Reader:
     if st.size and int(st.max()) >= n:
         raise RecordingUnavailable(f"the recording has {n} samples but the sorting has spikes at sample "
                                    f"{int(st.max())}.")
-    if rec.attrs.get("units") == "uV":
-        gain = np.ones(len(chans), np.float32)
-    elif "gain_to_uV" in rec.coords:
-        gain = np.asarray(rec["gain_to_uV"].values, np.float32)
-    else:
-        gain = np.broadcast_to(np.asarray(rec.attrs.get("gain_to_uV", 1.0), np.float32), (len(chans),))
+    gain = uV_gains(rec)
     data = rec.data
 
     def read(t0: int, t1: int, rows: np.ndarray) -> np.ndarray:
