@@ -8,6 +8,7 @@ it. Memory stays bounded by the chunk size; the file costs ``2 · n_samples · n
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import xarray as xr
 
 from .io.recording import BinaryReader, _lazy
 
-__all__ = ["materialize", "write_int16", "open_int16"]
+__all__ = ["materialize", "write_int16", "open_int16", "int16_bytes", "require_space_for_int16"]
 
 
 def _write_block(block: np.ndarray, scale: float, path: str, shape: tuple, block_info=None) -> np.ndarray:
@@ -35,8 +36,7 @@ def _scale_block(block: np.ndarray, inv: float) -> np.ndarray:
     return block.astype(np.float32) * np.float32(inv)
 
 
-def materialize(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 200.0, client: Any = None,
-                progress: bool = False) -> xr.DataArray:
+def materialize(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 200.0) -> xr.DataArray:
     """Compute ``white`` once into an int16 file and return a lazy float32 DataArray reading it back.
 
     Parameters
@@ -47,9 +47,6 @@ def materialize(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 
         File to write (written as ``path + '.partial'``, renamed when complete).
     scale : float
         int16 = round(value × scale).
-    client : dask.distributed.Client, optional
-        Compute the chunks on this cluster (workers must share the filesystem).
-    progress : bool
 
     Returns
     -------
@@ -57,27 +54,89 @@ def materialize(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 
         Same coords, attrs and chunks as ``white``; values within ``0.5 / scale`` of the originals (or clipped
         at ±32767 / scale).
     """
-    write_int16(white, path, scale=scale, client=client, progress=progress)
+    write_int16(white, path, scale=scale)
     return open_int16(path, white, scale=scale)
 
 
-def write_int16(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 200.0, client: Any = None,
-                progress: bool = False) -> Path:
-    """Write ``round(white × scale)`` as int16 to ``path`` (via ``path.partial``, renamed when complete)."""
-    from ._blocks import compute_tasks
+def int16_bytes(shape: tuple[int, int]) -> int:
+    """Disk bytes of the int16 copy of a ``(n_samples, n_channels)`` recording: ``2 · n_samples · n_channels``."""
+    n, c = (int(v) for v in shape)
+    return 2 * n * c
+
+
+def require_space_for_int16(path: str | os.PathLike, shape: tuple[int, int]) -> None:
+    """Raise :class:`~spikearray.errors.DiskFullError` now if the int16 copy of ``shape`` cannot fit at ``path``.
+
+    Parameters
+    ----------
+    path : path
+        Where the copy will be written (need not exist yet).
+    shape : (n_samples, n_channels)
+
+    Examples
+    --------
+    >>> require_space_for_int16("out/.stages/preprocessed.int16", (108_000_000, 384))  # doctest: +SKIP
+    """
+    from .export._atomic import require_free_space
+
+    require_free_space(path, int16_bytes(shape), "the preprocessed int16 copy", exact=True)
+
+
+def _reserve(f: Any, nbytes: int) -> None:
+    """Give the open file ``f`` its full size, allocating the blocks where the filesystem can.
+
+    An allocated file cannot run out of space half-way (a memory-mapped write into a sparse file on a full disk
+    kills the process with SIGBUS instead of raising). Where the filesystem cannot allocate, the file is left
+    sparse, as before.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    except (OSError, AttributeError):  # not Linux/glibc: no allocation without writing
+        fallocate = None
+    if fallocate is not None and nbytes > 0:
+        if fallocate(f.fileno(), 0, 0, nbytes) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise OSError(err, os.strerror(err), str(f.name))
+    f.truncate(nbytes)
+
+
+def write_int16(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 200.0) -> Path:
+    """Write ``round(white × scale)`` as int16 to ``path`` (via ``path.partial``, renamed when complete).
+
+    The free space is checked and the file's blocks are allocated before any chunk is computed; if the disk
+    fills up anyway the partial file is deleted and :class:`~spikearray.errors.DiskFullError` names the path,
+    the size needed (``2 · n_samples · n_channels`` bytes) and the free space. The chunks run on the current
+    dask client (its workers must share the filesystem) or the threaded scheduler (:mod:`spikearray._engine`).
+    """
+    from ._engine import compute_tasks
+    from .export._atomic import disk_full_cause, disk_full_error, free_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n, c = white.shape
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.truncate(n * c * 2)
-    data = white.data
-    tokens = data.map_blocks(_write_block, float(scale), str(tmp), (n, c), dtype=np.int8,
-                             chunks=((1,) * len(data.chunks[0]), (1,)), name="store-" + tmp.name)
-    compute_tasks(list(tokens.to_delayed().ravel()), progress=progress, desc="preprocess", client=client,
-                  prefix="store")
-    tmp.replace(path)
+    tmp.unlink(missing_ok=True)
+    require_space_for_int16(tmp, (n, c))
+    free = free_bytes(tmp)
+    try:
+        with open(tmp, "wb") as f:
+            _reserve(f, n * c * 2)
+        data = white.data
+        tokens = data.map_blocks(_write_block, float(scale), str(tmp), (n, c), dtype=np.int8,
+                                 chunks=((1,) * len(data.chunks[0]), (1,)), name="store-" + tmp.name)
+        compute_tasks(list(tokens.to_delayed().ravel()), desc="preprocess")
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # never leave a file of hours' size that no reader will use
+        if disk_full_cause(e) is None:
+            raise
+        raise disk_full_error(path, int16_bytes((n, c)), "the preprocessed int16 copy", free=free,
+                              kept="The partial file was deleted. ", exact=True) from e
     return path
 
 

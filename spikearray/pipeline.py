@@ -1,31 +1,40 @@
-"""``sort``: the whole pipeline, preprocess → drift → detect → cluster → match → merge → metrics.
+"""``sort``: the whole pipeline, as one loop over the declarative stage table :data:`STAGES`.
 
-Each stage is a public function of its own module; this module only chains them, times them, shows
-progress and writes the outputs. The heavy per-chunk stages run as dask tasks on the threaded scheduler or
-on a ``dask.distributed`` client.
+Each stage is a public function of its own module; this module declares, in :data:`STAGES`, which function
+each stage runs, which earlier results it takes, which settings it reads and whether its result is cached
+with an output. From that one table come the order of the walk, each stage's cache hash (the settings it
+reads plus its inputs' hashes, :func:`stage_hashes`), the resume behaviour (:class:`~spikearray.resume.StageStore`
+wraps every cached stage the same way) and the stage table of ``docs/sorter.md`` (:func:`stage_table_markdown`).
+The per-chunk work runs through the chunk engine (:mod:`spikearray._engine`) on dask's threaded scheduler or on
+the current ``dask.distributed`` client.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from ._compute import release_memory
+from ._engine import show_progress
+from ._lock import holds_output_lock
+from ._version import __version__
 from .errors import DataError, OutputExistsError, RecordingError
 from .resume import StageStore, recording_identity
-from .settings import Settings
+from .settings import IGNORED, PARAMETERS, Settings
 
-__all__ = ["sort"]
+__all__ = ["sort", "Stage", "STAGES", "stage_hashes", "stage_table_markdown"]
 
 
 class _Timer:
@@ -70,6 +79,262 @@ def _check_settings_against(rec: xr.DataArray, s: Settings) -> None:
             )
 
 
+
+# ---------------------------------------------------------------------------------------------- the stage table
+@dataclass(frozen=True)
+class Run:
+    """What every stage function gets besides its inputs: the settings and a folder for its files."""
+
+    settings: Settings
+    files: Path  # ``OUT/.stages`` with an output, else a temporary folder removed after the run
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table.
+
+    Attributes
+    ----------
+    name : str
+        Stage name (timings, ``stages_skipped``, progress lines, the cache store ``<name>.zarr``).
+    function : callable
+        ``function(*inputs, run=Run) -> xarray.Dataset | xarray.DataArray``.
+    inputs : tuple of str
+        Results it takes: ``"recording"`` or the ``output`` of an earlier stage.
+    output : str
+        Name of its result, for the stages after it.
+    reads : tuple of str
+        Every setting it reads (``Settings`` names). Those that change results enter its cache hash.
+    cached : bool
+        Saved in ``OUT/.stages`` and reused by a rerun whose hash matches.
+    module : str
+        Where the work is implemented (for the docs).
+    does : str
+        What it does (for the docs).
+    work : str
+        The kind of work: per chunk, sampled chunks, global (for the docs).
+    ends_without_spikes : bool
+        A :class:`~spikearray.errors.DataError` here means the recording has no spikes to sort: ``sort``
+        returns an empty sorting instead of failing.
+    """
+
+    name: str
+    function: Callable[..., Any]
+    inputs: tuple[str, ...]
+    output: str
+    reads: tuple[str, ...]
+    cached: bool
+    module: str
+    does: str
+    work: str
+    ends_without_spikes: bool = False
+
+
+def _group(*groups: str) -> tuple[str, ...]:
+    """Every setting whose owning stage (``Param.stage``) is one of ``groups``."""
+    return tuple(p.name for p in PARAMETERS if p.stage in groups)
+
+
+_SCALE = 200.0  # int16 = round(whitened × 200), Kilosort4's temp_wh.dat convention
+_INT16 = "preprocessed.int16"
+
+
+def _preprocess(rec: xr.DataArray, *, run: Run) -> xr.Dataset:
+    from ._cache import write_int16
+    from .preprocessing import preprocess
+
+    white, whitening = preprocess(rec, run.settings)
+    path = write_int16(white, run.files / _INT16, scale=_SCALE)
+    # the traces' attrs and name travel as real (nested) attrs; ``files`` lets the store check the copy
+    return xr.Dataset({"whitening_matrix": whitening.variable}, coords=whitening.coords,
+                      attrs={"traces_attrs": dict(white.attrs), "traces_name": "" if white.name is None else str(white.name),
+                             "int16_scale": _SCALE, "files": {_INT16: int(path.stat().st_size)}})
+
+
+def _whitened(rec: xr.DataArray, preprocessed: xr.Dataset, *, run: Run) -> xr.DataArray:
+    from ._cache import open_int16
+
+    a = preprocessed.attrs
+    white = open_int16(run.files / _INT16, rec, scale=float(a["int16_scale"]), attrs=dict(a["traces_attrs"]))
+    return white.rename(a["traces_name"]) if a["traces_name"] else white
+
+
+def _drift(white: xr.DataArray, *, run: Run) -> xr.Dataset:
+    from .drift import estimate
+
+    return estimate(white, run.settings)  # nblocks=0: a zero displacement marked drift_correction="off"
+
+
+def _correct(white: xr.DataArray, drift: xr.Dataset, *, run: Run) -> xr.DataArray:
+    from .drift import correct
+
+    return correct(white, drift, device=run.settings.device)
+
+
+def _bases(corrected: xr.DataArray, *, run: Run) -> xr.Dataset:
+    from .detection import learn_bases
+
+    return learn_bases(corrected, run.settings)
+
+
+def _detect(corrected: xr.DataArray, bases: xr.Dataset, *, run: Run) -> xr.Dataset:
+    from .detection import detect
+
+    return detect(corrected, bases, run.settings)
+
+
+def _cluster(spikes: xr.Dataset, bases: xr.Dataset, corrected: xr.DataArray, *, run: Run) -> xr.DataArray:
+    from .clustering import cluster_spikes, full_templates
+
+    clusters = cluster_spikes(spikes, bases, corrected, run.settings)
+    return full_templates(corrected, spikes, clusters, run.settings)
+
+
+def _match(corrected: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, *, run: Run) -> xr.Dataset:
+    from .matching import match
+
+    return match(corrected, templates, bases, run.settings)
+
+
+def _merge(matched: xr.Dataset, recording: xr.DataArray, corrected: xr.DataArray, preprocessed: xr.Dataset,
+           drift: xr.Dataset, *, run: Run) -> xr.Dataset:
+    from .metrics.sorting import build_sorting
+
+    return build_sorting(matched, recording=recording, white=corrected, whitening=preprocessed["whitening_matrix"],
+                         drift=_drift_or_none(drift), settings=run.settings, timings={})
+
+
+def _drift_or_none(drift: xr.Dataset | None) -> xr.Dataset | None:
+    """The sorting carries no drift when correction was off (``nblocks=0``)."""
+    return None if drift is None or drift.attrs.get("drift_correction") == "off" else drift
+
+
+#: The stages of :func:`sort`, in order. Merges and metrics are cheap and always rerun.
+STAGES: tuple[Stage, ...] = (
+    Stage("preprocess", _preprocess, ("recording",), "preprocessed",
+          _group("recording", "preprocessing") + ("chunk_seconds", "seed", "device", "torch_threads"), True,
+          "spikearray.preprocessing, spikearray._cache",
+          "zero-phase Butterworth high-pass, median common reference, local ZCA whitening (Kilosort4's "
+          "semantics); the whitened traces are written once as int16 (×200, Kilosort4's `temp_wh.dat` "
+          "convention) so later passes read them instead of re-filtering",
+          "per chunk with a halo; one sampled estimate of the whitening matrix"),
+    Stage("whitened", _whitened, ("recording", "preprocessed"), "white", (), False, "spikearray._cache",
+          "the whitened traces, read lazily from the int16 copy", "per chunk (lazy)"),
+    Stage("drift", _drift, ("white",), "drift",
+          _group("drift") + ("batch_size", "device", "torch_threads"), True, "spikearray.drift",
+          "peaks → depth × amplitude histograms per batch → decentralised registration (all batch pairs, "
+          "robust least squares)", "per chunk → one global solve"),
+    Stage("correct", _correct, ("white", "drift"), "corrected", ("device",), False, "spikearray.drift",
+          "kriging interpolation of every channel by the displacement (`sig_interp`, saved with the drift)",
+          "per chunk (lazy)"),
+    Stage("bases", _bases, ("corrected",), "bases",
+          ("nt", "nt0min", "n_pcs", "n_templates", "Th_single_ch", "seed", "device"), True,
+          "spikearray.detection.bases",
+          "temporal PCs and prototype shapes from isolated single-channel peaks (Kilosort4's `wPCA`, `wTEMP`)",
+          "sampled chunks", ends_without_spikes=True),
+    Stage("detect", _detect, ("corrected", "bases"), "spikes",
+          _group("detection") + ("device", "torch_threads"), True, "spikearray.detection.detect",
+          "space-time matched filter, thresholded at `Th_universal`", "per chunk"),
+    Stage("cluster", _cluster, ("spikes", "bases", "corrected"), "templates",
+          _group("clustering") + ("nt", "nt0min", "dmin", "seed"), True,
+          "spikearray.clustering",
+          "spikes grouped by depth (every `2·dmin`), each group clustered on its PCA features, templates "
+          "de-duplicated, then full mean waveforms read back from the data", "per group; sampled chunks"),
+    Stage("match", _match, ("corrected", "templates", "bases"), "matched",
+          _group("matching") + ("nt", "nt0min", "nearest_chans", "n_pcs", "device", "torch_threads"), True,
+          "spikearray.matching", "matching pursuit with the learned templates, thresholded at `Th_learned`",
+          "per chunk"),
+    Stage("merge+metrics", _merge, ("matched", "recording", "corrected", "preprocessed", "drift"), "sorting",
+          _group("merging", "metrics") + ("batch_size", "nearest_chans"), False,
+          "spikearray.clustering.merge, spikearray.metrics",
+          "merges, duplicate removal, µV templates and amplitudes, positions, contamination, labels",
+          "global, on the spike table"),
+)
+
+# settings that change where the work runs, not what it computes: read, never hashed
+_WHERE = frozenset({"device", "torch_threads"})
+
+
+def _hashed(stage: Stage) -> list[str]:
+    """The settings in ``stage``'s own hash: those it reads, less the ignored and the where-it-runs ones."""
+    return sorted(set(stage.reads) - IGNORED - _WHERE)
+
+
+def stage_hashes(settings: Settings, identity: dict[str, Any] | None) -> dict[str, str]:
+    """sha256 (hex) of every stage: its name, the spikearray version, the settings it reads, its inputs' hashes.
+
+    ``"recording"`` hashes the recording's identity (:func:`spikearray.resume.recording_identity`). A stage's
+    hash changes exactly when a setting it reads or one of its inputs changes, so a rerun recomputes the
+    stages a changed setting touches and the ones downstream of them, and reuses the rest.
+
+    Examples
+    --------
+    >>> import spikearray as sa
+    >>> a = stage_hashes(sa.Settings(), {"data": "x"})
+    >>> b = stage_hashes(sa.Settings(Th_learned=7.0), {"data": "x"})
+    >>> [st.name for st in STAGES if a[st.name] != b[st.name]]
+    ['match', 'merge+metrics']
+    """
+    values = settings.to_dict()
+    hashes = {"recording": _sha({"recording": identity})}
+    by_output = {"recording": "recording"}
+    for st in STAGES:
+        payload = {"stage": st.name, "version": __version__, "settings": {k: values[k] for k in _hashed(st)},
+                   "inputs": {i: hashes[by_output[i]] for i in st.inputs}}
+        hashes[st.name] = _sha(payload)
+        by_output[st.output] = st.name
+    return hashes
+
+
+def _sha(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_table_markdown() -> str:
+    """The stage table of ``docs/sorter.md``, generated from :data:`STAGES` (``docs/_gen_stages.py`` writes it)."""
+    rows = ["| stage | module | what it does | kind of work | takes → gives | cached |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for st in STAGES:
+        mods = ", ".join(f"`{m.strip()}`" for m in st.module.split(","))
+        rows.append(f"| {st.name} | {mods} | {st.does} | {st.work} | {', '.join(st.inputs)} → {st.output} | "
+                    f"{'yes' if st.cached else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
+def _walk(rec: xr.DataArray, s: Settings, timer: _Timer, files: Path, store: StageStore,
+          hashes: dict[str, str]) -> xr.Dataset:
+    """The recording through :data:`STAGES`: each stage's inputs from the results so far, its output added."""
+    run = Run(settings=s, files=files)
+    results: dict[str, Any] = {"recording": rec}
+    for st in STAGES:
+        args = [results[i] for i in st.inputs]
+        try:
+            with timer.stage(st.name):
+                if st.cached:
+                    results[st.output] = store.run(st.name, hashes[st.name], lambda: st.function(*args, run=run))
+                else:
+                    results[st.output] = st.function(*args, run=run)
+        except DataError as e:
+            if not st.ends_without_spikes:
+                raise
+            warnings.warn(f"no spikes found: {e} Returning an empty sorting.", stacklevel=3)
+            return _empty(results, s, timer)
+    sorting = results["sorting"]
+    if sorting.sizes["unit"] == 0:
+        warnings.warn("the sorting found no units; check the recording and thresholds.", stacklevel=3)
+    return sorting
+
+
+def _empty(results: dict[str, Any], s: Settings, timer: _Timer) -> xr.Dataset:
+    from .metrics.sorting import empty_sorting
+
+    rec = results["recording"]
+    return empty_sorting(rec, results["white"], results["preprocessed"]["whitening_matrix"],
+                         _drift_or_none(results.get("drift")), s, timer.timings, s.nt, s.n_pcs,
+                         min(s.nearest_chans, rec.sizes["channel"]))
+
+
+@holds_output_lock  # one run per output folder: a second sort into it refuses (OutputLockedError)
 def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, output: str | Path | None = None,
          progress: bool = True, client: Any = None, overwrite: bool = False, report: bool = False) -> xr.Dataset:
     """Spike-sort a recording.
@@ -85,7 +350,8 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
     progress : bool
         Print stage progress and show progress bars over chunks.
     client : dask.distributed.Client, optional
-        Run the per-chunk stages on this cluster (default: dask's threaded scheduler).
+        Run the per-chunk stages on this cluster (default: the current ``dask.distributed`` client if there is
+        one, else dask's threaded scheduler; see :mod:`spikearray._engine`).
     overwrite : bool
         Replace an existing output.
     report : bool
@@ -114,20 +380,25 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
             f"{Path(output) / 'sorting.zarr'} already exists; pass overwrite=True (--overwrite) to replace it, "
             "or choose another output folder."
         )
-    client = _current_client(client)
-    store = StageStore(output, settings=s, identity=recording_identity(recording) if output is not None else None,
-                       progress=progress)
+    store = StageStore(output, progress=progress)
+    hashes = stage_hashes(s, recording_identity(recording) if output is not None else None)
     if store.enabled:
         if overwrite and store.root.exists():
             shutil.rmtree(store.root)  # overwrite = recompute everything
         store.clean_partials()
     rec, offset = _time_range(recording, s)
     rec = rec.chunk({"time": max(1, int(round(s.chunk_seconds * rec.attrs["sampling_rate"])))})
+    if store.enabled and not store.complete("preprocess", hashes["preprocess"]):
+        from ._cache import require_space_for_int16  # say "disk too small" now, not after hours of work
+
+        require_space_for_int16(store.root / _INT16, rec.shape)
     timer = _Timer(progress)
     # dask's threads already use every core: BLAS threads inside them would oversubscribe (and OpenBLAS's
-    # thread start-up dominates the many small SVDs and eigendecompositions of clustering and matching)
-    with tempfile.TemporaryDirectory(prefix="spikearray-") as tmp, threadpool_limits(limits=1, user_api="blas"):
-        sorting = _run(rec, s, timer, Path(tmp), progress=progress, client=client, store=store)
+    # thread start-up dominates the many small SVDs and eigendecompositions of clustering and matching). The
+    # chunk engine reads the progress flag and the current client: a given client is made current for the run.
+    with tempfile.TemporaryDirectory(prefix="spikearray-") as tmp, threadpool_limits(limits=1, user_api="blas"), \
+            show_progress(progress), (client.as_current() if client is not None else nullcontext()):
+        sorting = _walk(rec, s, timer, store.root if store.enabled else Path(tmp), store, hashes)
     if offset:
         sorting["spike_time"] = sorting["spike_time"] + offset
     sorting.attrs["time_offset_samples"] = int(offset)
@@ -137,103 +408,6 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
         _write_outputs(sorting, recording, Path(output), overwrite=overwrite, report=report, progress=progress)
         shutil.rmtree(store.root, ignore_errors=True)  # complete: the stage caches (and int16 copy) are spent
     return sorting
-
-
-def _current_client(client: Any) -> Any:
-    """The given client, else the current ``dask.distributed`` client if there is one, else None (threads)."""
-    if client is not None:
-        return client
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _preprocess(rec: xr.DataArray, s: Settings, workdir: Path, store: StageStore, *, progress: bool,
-                client: Any) -> tuple[xr.DataArray, xr.DataArray]:
-    """Preprocessed traces (lazy, over an int16 copy) and the whitening matrix; cached with ``output``."""
-    from ._cache import materialize, open_int16, write_int16
-    from .preprocessing import preprocess
-
-    if not store.enabled:
-        white, whitening = preprocess(rec, s)
-        return materialize(white, workdir / "preprocessed.int16", client=client, progress=progress), whitening
-    h = store.hash("preprocess")
-    meta = store.load("preprocess", h) if store.preprocessed_ready(h, rec.shape) else None
-    if meta is None:
-        white, whitening = preprocess(rec, s)
-        store.invalidate_preprocessed()
-        write_int16(white, store.preprocessed_path, scale=_SCALE, client=client, progress=progress)
-        store.mark_preprocessed(h, white.shape, _SCALE)
-        name = "" if white.name is None else str(white.name)
-        packed = xr.Dataset({"whitening_matrix": whitening.variable}, coords=whitening.coords,
-                            attrs={"white_attrs": json.dumps(white.attrs), "white_name": name})
-        meta = store.save("preprocess", h, packed)
-    whitening = meta["whitening_matrix"]
-    white = open_int16(store.preprocessed_path, rec, scale=_SCALE, attrs=json.loads(meta.attrs["white_attrs"]))
-    return (white.rename(meta.attrs["white_name"]) if meta.attrs["white_name"] else white), whitening
-
-
-_SCALE = 200.0  # int16 = round(whitened × 200), Kilosort4's temp_wh.dat convention
-
-
-def _run(rec: xr.DataArray, s: Settings, timer: _Timer, workdir: Path, *,
-         progress: bool, client: Any, store: StageStore) -> xr.Dataset:
-    """The stages, in order; ``workdir`` holds the preprocessed copy for the duration of an uncached run.
-
-    With an output, each stage goes through ``store``: read back when finished earlier with the same inputs,
-    else computed and saved (so a killed run resumes from its last finished stage).
-    """
-    from .clustering import cluster_spikes, full_templates
-    from .detection import detect, learn_bases
-    from .matching import match
-    from .metrics.sorting import build_sorting, empty_sorting
-
-    with timer.stage("preprocess"):
-        white, whitening = _preprocess(rec, s, workdir, store, progress=progress, client=client)
-    drift = None
-    with timer.stage("drift"):
-        if s.nblocks > 0:
-            from .drift import correct, estimate
-
-            drift = store.run("drift", lambda: estimate(white, s))
-            corrected = correct(white, drift, device=s.device)
-        else:
-            corrected = white
-    P, nC = s.n_pcs, min(s.nearest_chans, rec.sizes["channel"])
-    try:
-        with timer.stage("bases"):
-            bases = store.run("bases", lambda: learn_bases(corrected, s))
-    except DataError as e:
-        warnings.warn(f"no spikes found: {e} Returning an empty sorting.", stacklevel=3)
-        sorting = empty_sorting(rec, white, whitening, drift, s, timer.timings, s.nt, P, nC)
-    else:
-        with timer.stage("detect"):
-            spikes = store.run("detect", lambda: detect(corrected, bases, s, progress=progress, client=client))
-        with timer.stage("cluster"):
-            def _cluster() -> xr.Dataset:
-                clusters = cluster_spikes(spikes, bases, corrected, s)
-                templates = full_templates(corrected, spikes, clusters, s, client=client)
-                return clusters.assign({_TEMPLATES: (_TEMPLATE_DIMS, templates)})
-
-            packed = store.run("cluster", _cluster)
-            templates = packed[_TEMPLATES].values
-        with timer.stage("match"):
-            matched = store.run("match", lambda: match(corrected, templates, bases, s, progress=progress,
-                                                       client=client))
-        with timer.stage("merge+metrics"):
-            sorting = build_sorting(matched, recording=rec, white=corrected, whitening=whitening, drift=drift,
-                                    settings=s, timings=timer.timings)
-        if sorting.sizes["unit"] == 0:
-            warnings.warn("the sorting found no units; check the recording and thresholds.", stacklevel=3)
-    return sorting
-
-
-# the full templates (K, C, nt) travel in the cluster stage's Dataset under private names
-_TEMPLATES = "_full_templates"
-_TEMPLATE_DIMS = ("_template", "_template_channel", "_template_sample")
 
 
 def _write_outputs(sorting: xr.Dataset, recording: xr.DataArray, out: Path, *, overwrite: bool, report: bool,

@@ -19,7 +19,7 @@ from spikearray.detection import detect, learn_bases
 from spikearray.errors import DataError, RecordingError
 from spikearray.preprocessing import preprocess
 from spikearray.preprocessing.chain import check_sampling_rate, estimate_windows, scale_shift
-from spikearray.resume import STAGES, StageStore
+from spikearray.pipeline import stage_hashes
 from spikearray.settings import IGNORED, PARAMETERS, IgnoredSettingWarning
 from spikearray.synthetic import generate_recording
 
@@ -170,8 +170,7 @@ NON_DEFAULT = {"dminx": 20.0, "nearest_templates": 50, "max_channel_distance": 5
 
 
 def _hashes(settings: sa.Settings) -> dict[str, str]:
-    store = StageStore(None, settings=settings, identity={"data": "x"})
-    return {st: store.hash(st) for st in STAGES}
+    return stage_hashes(settings, {"data": "x"})
 
 
 def test_the_ignored_settings_are_exactly_the_ones_no_stage_reads():

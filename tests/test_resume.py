@@ -14,37 +14,43 @@ import numpy as np
 import pytest
 
 import spikearray as sa
-from spikearray.resume import STAGES, StageStore, stage_hash
+from spikearray.errors import DamagedCacheWarning
+from spikearray.pipeline import STAGES, stage_hashes
+from spikearray.resume import StageStore
 from spikearray.synthetic import generate_recording, write_spikeglx
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHED = [st.name for st in STAGES if st.cached]
 
 
-def _hashes(settings, ident=None):
-    store = StageStore(None, settings=settings, identity=ident or {"data": "x"})
-    return {st: store.hash(st) for st in STAGES}
+def _changed(settings, ident=None):
+    """The cached stages whose hash differs from the default settings' on the same recording."""
+    base = stage_hashes(sa.Settings(), {"data": "x"})
+    h = stage_hashes(settings, ident or {"data": "x"})
+    return [st for st in CACHED if h[st] != base[st]]
 
 
-def test_hash_changes_from_the_changed_stage_on():
-    base = _hashes(sa.Settings())
+def test_hash_changes_for_the_stages_a_setting_reaches():
+    assert CACHED == ["preprocess", "drift", "bases", "detect", "cluster", "match"]
     # a matching threshold only touches matching
-    h = _hashes(sa.Settings(Th_learned=7.0))
-    assert [st for st in STAGES if h[st] != base[st]] == ["match"]
+    assert _changed(sa.Settings(Th_learned=7.0)) == ["match"]
     # a clustering seed: cluster and match
-    h = _hashes(sa.Settings(cluster_init_seed=1))
-    assert [st for st in STAGES if h[st] != base[st]] == ["cluster", "match"]
+    assert _changed(sa.Settings(cluster_init_seed=1)) == ["cluster", "match"]
+    # a detection threshold: detection and what uses its spikes, not the bases (which do not read it)
+    assert _changed(sa.Settings(Th_universal=7.0)) == ["detect", "cluster", "match"]
+    # a drift setting: everything from drift on, not preprocessing
+    assert _changed(sa.Settings(drift_threshold=6.0)) == ["drift", "bases", "detect", "cluster", "match"]
     # a preprocessing setting or another recording: everything
-    assert all(_hashes(sa.Settings(highpass_cutoff=250.0))[st] != base[st] for st in STAGES)
-    assert all(_hashes(sa.Settings(), {"data": "y"})[st] != base[st] for st in STAGES)
+    assert _changed(sa.Settings(highpass_cutoff=250.0)) == CACHED
+    assert _changed(sa.Settings(), {"data": "y"}) == CACHED
     # where the work runs does not change what it computes
-    assert _hashes(sa.Settings(device="cpu", torch_threads=2)) == base
-    assert stage_hash("drift", sa.Settings(), "p") != stage_hash("drift", sa.Settings(), "q")
+    assert _changed(sa.Settings(device="cpu", torch_threads=2)) == []
 
 
-def test_unfinished_or_stale_stage_is_not_complete(tmp_path):
+def test_unfinished_stale_or_cut_short_stage_is_not_complete(tmp_path):
     import xarray as xr
 
-    store = StageStore(tmp_path, settings=sa.Settings())
+    store = StageStore(tmp_path)
     ds = xr.Dataset({"v": ("n", np.arange(5))}, attrs={"note": "x"})
     back = store.save("drift", "h1", ds)
     xr.testing.assert_identical(back, ds)
@@ -56,15 +62,25 @@ def test_unfinished_or_stale_stage_is_not_complete(tmp_path):
     assert not (tmp_path / ".stages" / "bases.zarr.partial-1-abc").exists()
     # a store folder without its consolidated metadata is not complete either
     (tmp_path / ".stages" / "detect.zarr").mkdir()
-    assert store.load("detect", "h1") is None
-    xr.testing.assert_identical(store.load("drift", "h1"), ds)
+    with pytest.warns(DamagedCacheWarning):
+        assert store.load("detect", "h1") is None
+    assert store.run("drift", "h1", lambda: 1 / 0).identical(ds)  # read back, not computed
     assert store.skipped == ["drift"]
-    # the int16 copy counts only with its marker, for the same hash and shape
-    store.preprocessed_path.write_bytes(b"\0" * 2 * 10 * 4)
-    assert not store.preprocessed_ready("h", (10, 4))
-    store.mark_preprocessed("h", (10, 4), 200.0)
-    assert store.preprocessed_ready("h", (10, 4)) and not store.preprocessed_ready("h2", (10, 4))
-    assert not store.preprocessed_ready("h", (11, 4))
+    # a stage's own files count only while they have the size its store recorded
+    (tmp_path / ".stages" / "copy.bin").write_bytes(b"\0" * 80)
+    store.save("preprocess", "h", xr.Dataset(attrs={"files": {"copy.bin": 80}}))
+    assert store.complete("preprocess", "h") and not store.complete("preprocess", "h2")
+    (tmp_path / ".stages" / "copy.bin").write_bytes(b"\0" * 40)  # cut short
+    with pytest.warns(DamagedCacheWarning, match="40 bytes instead of 80"):
+        assert not store.complete("preprocess", "h")
+    # a stage is recomputed into a clean place: its old store goes first, then the new one is saved
+    seen = []
+    again = store.run("preprocess", "h3", lambda: seen.append(store.path("preprocess").exists()) or xr.Dataset())
+    assert seen == [False] and again.sizes == {} and store.complete("preprocess", "h3")
+    # a DataArray result comes back as the DataArray
+    arr = xr.DataArray(np.ones((2, 3), np.float32), dims=("unit", "channel"), name="templates", attrs={"units": "w"})
+    xr.testing.assert_identical(store.run("cluster", "c", lambda: arr), arr)
+    xr.testing.assert_identical(store.run("cluster", "c", lambda: 1 / 0), arr)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +103,7 @@ def test_crash_then_rerun_with_changed_setting_recomputes_downstream(rec8, tmp_p
             sa.sort(rec8, s, output=tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "sorting.zarr").exists()
     assert {p.name for p in (tmp_path / "out" / ".stages").iterdir()} >= {
-        "preprocess.zarr", "preprocessed.int16", "preprocessed.int16.json", "drift.zarr", "bases.zarr",
+        "preprocess.zarr", "preprocessed.int16", "drift.zarr", "bases.zarr",
         "detect.zarr", "cluster.zarr"}
 
     s2 = s.replace(Th_learned=7.5)  # a matching setting: everything before matching is reused

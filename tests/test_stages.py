@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from spikearray._blocks import ChunkInfo
+from spikearray._engine import ChunkInfo
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.splitmerge import bimodality_score, split_merge
 from spikearray.detection.detect import correlate_fft, fast_len

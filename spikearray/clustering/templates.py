@@ -9,21 +9,35 @@ channels, ``nt`` samples, trough at ``nt0min``) over a deterministic sample of c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import dask
 import numpy as np
 import xarray as xr
 
+from .._engine import ChunkInfo, as_dask, chunk_kernel, run_chunks
 from ..detection.bases import sample_chunks
 
 __all__ = ["mean_waveforms", "full_templates"]
 
 
-def _sum_block(block: np.ndarray, start: int, times: np.ndarray, labels: np.ndarray, K: int, nt: int,
-               nt0: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True, eq=False)
+class _SumContext:
+    times: np.ndarray  # (n,) int64 trough samples of the sampled spikes, sorted
+    labels: np.ndarray  # (n,) int64 their templates
+    n_templates: int
+    nt: int
+    nt0: int
+
+
+@chunk_kernel(halo=lambda ctx: 0)  # spikes whose window leaves the chunk are skipped: no halo needed
+def _sum_block(block: np.ndarray, info: ChunkInfo, ctx: _SumContext) -> tuple[np.ndarray, np.ndarray]:
+    """Per-template sums ``(K, nt, C)`` float64 and counts ``(K,)`` of the chunk's sampled spike windows."""
+    K, nt, nt0 = ctx.n_templates, ctx.nt, ctx.nt0
+    m = (ctx.times >= info.start) & (ctx.times < info.stop)
+    times, labels = ctx.times[m], ctx.labels[m]
     x = np.asarray(block, dtype=np.float32)
-    rel = times - start - nt0
+    rel = times - info.start - nt0
     ok = (rel >= 0) & (rel + nt <= len(x))
     rel, lab = rel[ok], labels[ok]
     sums = np.zeros((K, nt, x.shape[1]), np.float64)
@@ -34,8 +48,8 @@ def _sum_block(block: np.ndarray, start: int, times: np.ndarray, labels: np.ndar
 
 
 def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.ndarray, n_templates: int, *,
-                   nt: int, nt0: int, n_chunks: int = 24, max_per_template: int = 400,
-                   client: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                   nt: int, nt0: int, n_chunks: int = 24,
+                   max_per_template: int = 400) -> tuple[np.ndarray, np.ndarray]:
     """Mean waveform of every label, from spikes in a deterministic, evenly spaced sample of chunks.
 
     Parameters
@@ -61,7 +75,7 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     counts : ndarray (K,) int64
         Spikes averaged per template.
     """
-    data = white.data
+    data = as_dask(white)
     starts = np.cumsum((0,) + data.chunks[0])
     chosen = sample_chunks(len(data.chunks[0]), n_chunks)
     keep = spike_label >= 0
@@ -75,19 +89,15 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
         if len(idx):
             sel[idx[np.unique(np.linspace(0, len(idx) - 1, min(len(idx), max_per_template)).astype(int))]] = True
     t_all, l_all = t_all[sel], l_all[sel]
-    tasks = []
-    for i in chosen:
-        m = (t_all >= starts[i]) & (t_all < starts[i + 1])
-        if m.any():
-            tasks.append(dask.delayed(_sum_block)(data.blocks[int(i)], int(starts[i]), t_all[m], l_all[m],
-                                                  n_templates, nt, nt0))
     C = white.sizes["channel"]
     sums = np.zeros((n_templates, nt, C))
     counts = np.zeros(n_templates, np.int64)
-    if tasks:
-        parts = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks,
-                                                                                          scheduler="threads")
-        for s_, c_ in parts:
+    # only the sampled chunks that hold a chosen spike are read
+    used = [int(i) for i in chosen if ((t_all >= starts[i]) & (t_all < starts[i + 1])).any()]
+    if used:
+        ctx = _SumContext(times=np.ascontiguousarray(t_all, np.int64), labels=np.ascontiguousarray(l_all, np.int64),
+                          n_templates=int(n_templates), nt=int(nt), nt0=int(nt0))
+        for s_, c_ in run_chunks(_sum_block, data, ctx, name="waveforms", select=used):
             sums += s_
             counts += c_
     means = sums / np.maximum(counts, 1)[:, None, None]
@@ -95,18 +105,41 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
 
 
 def full_templates(white: xr.DataArray, spikes: xr.Dataset, clusters: xr.Dataset, settings: Any, *,
-                   min_count: int = 20, client: Any = None) -> np.ndarray:
+                   min_count: int = 20) -> xr.DataArray:
     """Templates for matching: each cluster's mean waveform from the data where at least ``min_count`` of its
     spikes were sampled, its PC-feature template otherwise.
 
+    Parameters
+    ----------
+    white : xarray.DataArray (time, channel)
+        Whitened (drift-corrected) recording.
+    spikes : xarray.Dataset
+        From :func:`spikearray.detection.detect` (``spike_time``).
+    clusters : xarray.Dataset
+        From :func:`spikearray.clustering.cluster_spikes`: ``template`` (template, channel, sample) PC-feature
+        templates and ``spike_cluster`` (spike,).
+    settings : Settings
+        Uses ``nt`` and ``nt0min``.
+
     Returns
     -------
-    ndarray (K, C, nt) float32, whitened units
+    xarray.DataArray ``templates``, dims (unit, channel, sample), float32 in whitened units, trough at sample
+    ``nt0min`` (attr ``trough_sample``); ``unit`` numbers the clusters 0..K-1.
+
+    Examples
+    --------
+    >>> import spikearray as sa  # doctest: +SKIP
+    >>> full_templates(white, spikes, clusters, sa.Settings()).dims  # doctest: +SKIP
+    ('unit', 'channel', 'sample')
     """
     K = clusters.sizes["template"]
-    pc_templates = clusters["template"].values
+    pc_templates = clusters["template"].transpose("template", "channel", "sample").values
     if K == 0:
-        return pc_templates
-    means, counts = mean_waveforms(white, spikes["spike_time"].values, clusters["spike_cluster"].values, K,
-                                   nt=settings.nt, nt0=settings.nt0min_, client=client)
-    return np.where((counts >= min_count)[:, None, None], means, pc_templates).astype(np.float32)
+        values = pc_templates.astype(np.float32)
+    else:
+        means, counts = mean_waveforms(white, spikes["spike_time"].values, clusters["spike_cluster"].values, K,
+                                       nt=settings.nt, nt0=settings.nt0min_)
+        values = np.where((counts >= min_count)[:, None, None], means, pc_templates).astype(np.float32)
+    return xr.DataArray(values, dims=("unit", "channel", "sample"), name="templates",
+                        coords={"unit": np.arange(K, dtype=np.int64)},
+                        attrs={"units": "whitened", "trough_sample": int(settings.nt0min_)})

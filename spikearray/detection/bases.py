@@ -8,12 +8,15 @@ chunks, vectorised in torch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
 
 from .._compute import resolve_device, torch_threads
+from .._engine import ChunkInfo, as_dask, chunk_kernel, run_chunks
 from ..errors import DataError
 from ..settings import Settings
 
@@ -53,6 +56,24 @@ def isolated_peaks(x: torch.Tensor, threshold: float, nt: int, nt0min: int) -> t
     return c, t
 
 
+@dataclass(frozen=True, eq=False)
+class _SnippetContext:
+    device: str  # the settings' device; "auto" is resolved where the chunk runs
+    threshold: float
+    nt: int
+    nt0: int
+
+
+@chunk_kernel(halo=lambda ctx: 0)  # peaks whose window leaves the chunk are skipped: no halo needed
+def _snippet_block(block: np.ndarray, info: ChunkInfo, ctx: _SnippetContext) -> np.ndarray:
+    """Unit-free snippets ``(n, nt)`` float32 of the chunk's isolated single-channel peaks."""
+    dev = resolve_device(ctx.device)
+    x = torch.from_numpy(np.ascontiguousarray(block.T, dtype=np.float32)).to(dev)
+    c, t = isolated_peaks(x, ctx.threshold, ctx.nt, ctx.nt0)
+    win = t[:, None] - ctx.nt0 + torch.arange(ctx.nt, device=dev)[None, :]
+    return x[c[:, None], win].cpu().numpy()
+
+
 def learn_bases(white: xr.DataArray, settings: Settings | None = None, *, max_snippets: int = 50_000,
                 n_chunks: int = 12) -> xr.Dataset:
     """Learn temporal PCs and prototype waveforms from isolated peaks of the whitened recording.
@@ -81,18 +102,15 @@ def learn_bases(white: xr.DataArray, settings: Settings | None = None, *, max_sn
     """
     s = Settings.coerce(settings)
     nt, nt0 = s.nt, s.nt0min_
-    dev = resolve_device(s.device)
-    data = white.data
+    data = as_dask(white)
     idx = sample_chunks(len(data.chunks[0]), n_chunks)
+    ctx = _SnippetContext(device=s.device, threshold=float(s.Th_single_ch), nt=nt, nt0=nt0)
     snips = []
-    for i in idx:
-        blk = np.asarray(data.blocks[int(i)].compute(scheduler="threads"), dtype=np.float32)
-        x = torch.from_numpy(blk.T.copy()).to(dev)
-        c, t = isolated_peaks(x, s.Th_single_ch, nt, nt0)
-        if len(t) == 0:
+    # the sampled chunks in parallel; snippets taken in chunk order until max_snippets
+    for part in run_chunks(_snippet_block, data, ctx, name="bases", select=idx):
+        if len(part) == 0:
             continue
-        win = t[:, None] - nt0 + torch.arange(nt, device=dev)[None, :]
-        snips.append(x[c[:, None], win].cpu())
+        snips.append(torch.from_numpy(part))
         if sum(len(q) for q in snips) >= max_snippets:
             break
     if not snips:

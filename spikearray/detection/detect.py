@@ -19,15 +19,15 @@ on its ``nearest_chans`` channels, which the clustering uses.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from .._blocks import ChunkInfo, compute_tasks, map_chunks
 from .._compute import default_torch_threads, irfft, resolve_device, rfft, torch_threads
+from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
 from ..geometry import channel_distances, nearest_channels, positions
 from ..settings import Settings
 
@@ -87,24 +87,49 @@ def _spatial_weights(pos: np.ndarray, shank: np.ndarray, n_near: int, sizes: lis
     return out
 
 
-def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, np.ndarray]:
-    dev = ctx["device"]
-    with torch_threads(ctx["threads"]):
+@dataclass(frozen=True, eq=False)
+class _DetectContext:
+    """What every chunk of :func:`detect` needs besides its samples (numpy: cheap to tokenize and ship)."""
+
+    device: str  # the settings' device; "auto" is resolved where the chunk runs
+    threads: int | None  # torch threads (None: cores / dask threads, on the machine running the chunk)
+    nt: int
+    nt0: int
+    th: float
+    w: np.ndarray  # (1, nt) temporal filter: the first learned PC
+    W: np.ndarray  # (S, C, C) spatial envelopes
+    near: np.ndarray  # (C, n_peak) channels of the local-maximum test
+    nearC: np.ndarray  # (C, nC) feature channels
+    pos: np.ndarray  # (C, 2) µm
+    pcs: np.ndarray  # (P, nt)
+
+
+def _tensors(ctx: _DetectContext, dev: torch.device) -> dict[str, torch.Tensor]:
+    """The context's arrays as tensors on ``dev``, made once per process and device."""
+    names = ("w", "W", "near", "nearC", "pos", "pcs")
+    return memo(ctx, ("tensors", str(dev)), lambda: {k: torch.from_numpy(getattr(ctx, k)).to(dev) for k in names})
+
+
+@chunk_kernel(halo=lambda ctx: 2 * ctx.nt)
+def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: _DetectContext) -> dict[str, np.ndarray]:
+    dev = resolve_device(ctx.device)
+    g = _tensors(ctx, dev)
+    with torch_threads(ctx.threads or default_torch_threads()):
         x = torch.from_numpy(np.ascontiguousarray(block.T, dtype=np.float32)).to(dev)  # (C, L)
         C, L = x.shape
-        nt, nt0 = ctx["nt"], ctx["nt0"]
-        y = correlate_fft(x, ctx["w"].to(dev), nt0)  # (C, L) matched in time
+        nt, nt0 = ctx.nt, ctx.nt0
+        y = correlate_fft(x, g["w"], nt0)  # (C, L) matched in time
         # matched in space: the best of the envelope sizes, one size at a time so that only one (C, L) score
         # array is alive. Negative-going spikes only: whitening gives big units positive spatial side lobes,
         # which |A| would turn into spurious detections far from the unit.
-        Wsp = ctx["W"].to(dev)
+        Wsp = g["W"]
         Amax = Wsp[0] @ y
         for i in range(1, Wsp.shape[0]):
             torch.maximum(Amax, Wsp[i] @ y, out=Amax)
         # local maximum over ±nt0 samples (per channel), then over the ~100 µm neighbourhood — the latter only
         # at the few candidate samples, through the time-pooled array
         pooled = F.max_pool1d(Amax[None], 2 * nt0 + 1, stride=1, padding=nt0)[0]
-        peak = (Amax >= pooled) & (Amax > ctx["th"])
+        peak = (Amax >= pooled) & (Amax > ctx.th)
         # trough window must fit inside the block, and inside the core range
         t_glob0 = info.start - info.left
         lo = max(nt, info.left) if info.start > 0 else nt
@@ -113,25 +138,25 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, np
         hi = min(core_end, L - nt)
         peak[:, hi:] = False
         c, t = torch.nonzero(peak, as_tuple=True)
-        near = ctx["near"].to(dev)
+        near = g["near"]
         if len(t):
             best_nb = pooled[near[c], t[:, None]].max(1).values
             ok = Amax[c, t] >= best_nb
             c, t = c[ok], t[ok]
         n = len(t)
-        nC = ctx["nearC"].shape[1]
+        nC = ctx.nearC.shape[1]
         if n == 0:
-            return _empty(nC, ctx["pcs"].shape[0])
+            return _empty(nC, ctx.pcs.shape[0])
         amp = Amax[c, t]
-        chans = ctx["nearC"].to(dev)[c]  # (n, nC)
+        chans = g["nearC"][c]  # (n, nC)
         vals = y[chans, t[:, None]].clamp_min(0)
-        pos = ctx["pos"].to(dev)
+        pos = g["pos"]
         wsum = vals.sum(1).clamp_min(1e-12)
         sx = (vals * pos[chans, 0]).sum(1) / wsum
         sy = (vals * pos[chans, 1]).sum(1) / wsum
         win = t[:, None] - nt0 + torch.arange(nt, device=dev)[None, :]
         snip = x[chans[:, :, None], win[:, None, :]]  # (n, nC, nt)
-        feat = snip @ ctx["pcs"].to(dev).T  # (n, nC, P)
+        feat = snip @ g["pcs"].T  # (n, nC, P)
         return {
             "time": (t_glob0 + t).cpu().numpy().astype(np.int64),
             "channel": c.cpu().numpy().astype(np.int64),
@@ -148,8 +173,8 @@ def _empty(nC: int, P: int) -> dict[str, np.ndarray]:
             "features": np.zeros((0, nC, P), np.float32)}
 
 
-def detect(white: xr.DataArray, bases: xr.Dataset, settings: Settings | None = None, *, progress: bool = False,
-           client: Any = None, peak_radius_um: float = 100.0) -> xr.Dataset:
+def detect(white: xr.DataArray, bases: xr.Dataset, settings: Settings | None = None, *,
+           peak_radius_um: float = 100.0) -> xr.Dataset:
     """Detect spikes with a space-time matched filter and give each its position and PC features.
 
     Parameters
@@ -161,10 +186,6 @@ def detect(white: xr.DataArray, bases: xr.Dataset, settings: Settings | None = N
     settings : Settings
         Uses ``Th_universal``, ``nt``, ``nt0min``, ``nearest_chans``, ``min_template_size``,
         ``template_sizes``, ``device``, ``torch_threads``.
-    progress : bool
-        Show a progress bar.
-    client : dask.distributed.Client, optional
-        Run the chunk tasks on this cluster.
     peak_radius_um : float
         A peak must be the largest score within this distance (and ±``nt0min`` samples).
 
@@ -187,21 +208,16 @@ def detect(white: xr.DataArray, bases: xr.Dataset, settings: Settings | None = N
     d = channel_distances(pos, shank)
     n_peak = int(max(nC, (d <= peak_radius_um).sum(1).max()))
     near_peak = nearest_channels(pos, n_peak, shank)
-    ctx = {
-        "device": resolve_device(s.device),
-        "threads": s.torch_threads or default_torch_threads(),
-        "nt": s.nt, "nt0": s.nt0min_, "th": float(s.Th_universal),
-        "w": torch.from_numpy(bases["pc"].values[:1].astype(np.float32)),
-        "W": torch.from_numpy(_spatial_weights(pos, shank, nC, sizes).astype(np.float32)),
-        "near": torch.from_numpy(near_peak), "nearC": torch.from_numpy(near),
-        "pos": torch.from_numpy(pos.astype(np.float32)),
-        "pcs": torch.from_numpy(bases["pc"].values.astype(np.float32)),
-        "n_samples": white.sizes["time"],
-    }
-    tasks = map_chunks(white.data, _detect_block, halo=2 * s.nt, args=(ctx,), name="detect")
-    parts = compute_tasks(tasks, progress=progress, desc="detect", client=client, prefix="detect")
-    cat = {k: np.concatenate([p[k] for p in parts]) if parts else _empty(nC, len(ctx["pcs"]))[k]
-           for k in _empty(nC, len(ctx["pcs"]))}
+    pcs = bases["pc"].values.astype(np.float32)
+    ctx = _DetectContext(
+        device=s.device, threads=s.torch_threads, nt=s.nt, nt0=s.nt0min_, th=float(s.Th_universal),
+        w=np.ascontiguousarray(pcs[:1]), W=_spatial_weights(pos, shank, nC, sizes).astype(np.float32),
+        near=near_peak, nearC=near, pos=pos.astype(np.float32), pcs=pcs,
+    )
+    # runs on the current dask client or the threaded scheduler (spikearray._engine)
+    parts = run_chunks(_detect_block, as_dask(white), ctx, name="detect")
+    empty = _empty(nC, len(pcs))
+    cat = {k: np.concatenate([p[k] for p in parts]) if parts else empty[k] for k in empty}
     order = np.lexsort((cat["channel"], cat["time"]))
     ds = xr.Dataset(
         {

@@ -164,12 +164,9 @@ def correct(rec: xr.DataArray, drift: xr.Dataset, *, sig_interp: float | None = 
     fs = float(rec.attrs["sampling_rate"])
     segment = max(1, int(round(segment_ms * 1e-3 * fs)))
     mover = _Mover(drift, rec, sig, segment, float(quantum_um), dev)
-    import dask.array as da
+    from .._engine import as_dask
 
-    data = rec.data if isinstance(rec.data, da.Array) else da.from_array(np.asarray(rec.values),
-                                                                           chunks=(int(2 * fs), -1))
-    data = data.rechunk({1: -1})
-    out = data.astype(np.float32).map_blocks(mover, dtype=np.float32)
+    out = as_dask(rec).astype(np.float32).map_blocks(mover, dtype=np.float32)
     res = xr.DataArray(out, dims=rec.dims, coords=rec.coords, name=rec.name, attrs=dict(rec.attrs))
     res.attrs["drift_corrected"] = True
     return res

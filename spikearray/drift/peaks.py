@@ -17,16 +17,17 @@ core, so the spike table does not depend on the chunking.
 
 from __future__ import annotations
 
-import dask
-import dask.array as da
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import xarray as xr
 
 from .._compute import default_torch_threads, resolve_device, torch_threads
+from .._engine import ChunkInfo, as_dask, chunk_kernel, run_chunks
 from ..errors import DataError
 
-__all__ = ["detect_peaks", "neighbourhoods", "peaks_delayed"]
+__all__ = ["detect_peaks", "neighbourhoods"]
 
 _FIELDS = ("time", "channel", "depth", "x", "amplitude")
 
@@ -106,38 +107,31 @@ def _detect_block(x: np.ndarray, *, start: int, core: tuple[int, int], neigh: np
     return out[order]
 
 
-def peaks_delayed(white: xr.DataArray, *, threshold: float, radius_um: float = 50.0, window_ms: float = 0.5,
-                  loc_ms: float = 0.17, loc_radius_um: float = 100.0, loc_sigma_um: float = 30.0,
-                  loc_iters: int = 5, device: str = "auto") -> list:
-    """One ``dask.delayed`` structured array of peaks per chunk of ``white`` (see :func:`detect_peaks`)."""
-    fs = float(white.attrs["sampling_rate"])
-    half = max(1, int(round(window_ms * 1e-3 * fs)))
-    loc_half = max(0, int(round(loc_ms * 1e-3 * fs)))
-    cx = np.asarray(white["x"].values, dtype=np.float64)
-    cy = np.asarray(white["y"].values, dtype=np.float64)
-    shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(len(cx), int)
-    neigh = neighbourhoods(cx, cy, shank, radius_um)
-    loc_neigh = neighbourhoods(cx, cy, shank, loc_radius_um)
-    dev = resolve_device(device)
-    data = white.data if isinstance(white.data, da.Array) else da.from_array(np.asarray(white.values),
-                                                                               chunks=(int(2 * fs), -1))
-    data = data.rechunk({1: -1})
-    halo = min(half, max(0, min(data.chunks[0]) - 1))
-    if halo < half and data.numblocks[0] > 1:
-        data = data.rechunk({0: max(2 * half + 1, int(fs))})  # chunks too short for the halo
-        halo = half
-    ov = da.overlap.overlap(data, depth={0: halo, 1: 0}, boundary="none") if data.numblocks[0] > 1 else data
-    starts = np.cumsum((0,) + data.chunks[0])
-    n_blocks = data.numblocks[0]
-    kernel = dask.delayed(_detect_block, pure=True)
-    out = []
-    for i, blk in enumerate(ov.to_delayed()[:, 0]):
-        left = halo if (n_blocks > 1 and i > 0) else 0
-        size = int(data.chunks[0][i])
-        out.append(kernel(blk, start=int(starts[i]) - left, core=(left, left + size), neigh=neigh,
-                          loc_neigh=loc_neigh, cx=cx, cy=cy, threshold=float(threshold), half=half,
-                          loc_half=loc_half, loc_sigma=float(loc_sigma_um), loc_iters=int(loc_iters), device=dev))
-    return out
+@dataclass(frozen=True, eq=False)
+class _PeakContext:
+    """What every chunk of :func:`detect_peaks` needs besides its samples."""
+
+    device: str  # "auto" is resolved where the chunk runs
+    threads: int | None  # torch threads (None: cores / dask threads, on the machine running the chunk)
+    neigh: np.ndarray  # (C, k) peak neighbourhoods
+    loc_neigh: np.ndarray  # (C, k') localisation neighbourhoods
+    cx: np.ndarray  # (C,) µm
+    cy: np.ndarray  # (C,) µm
+    threshold: float
+    half: int  # samples: a peak is the largest within ±half
+    loc_half: int
+    loc_sigma: float
+    loc_iters: int
+
+
+@chunk_kernel(halo=lambda ctx: ctx.half)  # the local-maximum window: peaks near the core's edge need it
+def _peak_block(block: np.ndarray, info: ChunkInfo, ctx: _PeakContext) -> np.ndarray:
+    with torch_threads(ctx.threads or default_torch_threads()):
+        core = (info.left, info.left + info.stop - info.start)
+        return _detect_block(block, start=info.start - info.left, core=core, neigh=ctx.neigh,
+                             loc_neigh=ctx.loc_neigh, cx=ctx.cx, cy=ctx.cy, threshold=ctx.threshold,
+                             half=ctx.half, loc_half=ctx.loc_half, loc_sigma=ctx.loc_sigma,
+                             loc_iters=ctx.loc_iters, device=resolve_device(ctx.device))
 
 
 def _table(parts: list[np.ndarray], white: xr.DataArray) -> xr.Dataset:
@@ -203,9 +197,14 @@ def detect_peaks(white: xr.DataArray, *, threshold: float = 5.0, radius_um: floa
     >>> sorted(peaks.data_vars)[:2]
     ['spike_amplitude', 'spike_channel']
     """
-    parts = peaks_delayed(white, threshold=threshold, radius_um=radius_um, window_ms=window_ms, loc_ms=loc_ms,
-                          loc_radius_um=loc_radius_um, loc_sigma_um=loc_sigma_um, loc_iters=loc_iters, device=device)
-    n = torch_threads_ or default_torch_threads()
-    with torch_threads(n):
-        parts = list(dask.compute(*parts))
-    return _table(parts, white)
+    fs = float(white.attrs["sampling_rate"])
+    cx = np.asarray(white["x"].values, dtype=np.float64)
+    cy = np.asarray(white["y"].values, dtype=np.float64)
+    shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(len(cx), int)
+    ctx = _PeakContext(
+        device=str(device), threads=torch_threads_, neigh=neighbourhoods(cx, cy, shank, radius_um),
+        loc_neigh=neighbourhoods(cx, cy, shank, loc_radius_um), cx=cx, cy=cy, threshold=float(threshold),
+        half=max(1, int(round(window_ms * 1e-3 * fs))), loc_half=max(0, int(round(loc_ms * 1e-3 * fs))),
+        loc_sigma=float(loc_sigma_um), loc_iters=int(loc_iters),
+    )
+    return _table(run_chunks(_peak_block, as_dask(white), ctx, name="peaks"), white)

@@ -24,6 +24,7 @@ are the means.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,8 +32,9 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from .._blocks import ChunkInfo, compute_tasks, map_chunks
 from .._compute import default_torch_threads, irfft, resolve_device, rfft, torch_threads
+from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
+from ..errors import DataError
 from ..detection.detect import fast_len
 from ..geometry import nearest_channels, positions
 from ..settings import Settings
@@ -150,9 +152,53 @@ def _padded_lists(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class _MatchContext:
+    """What every chunk of :func:`match` needs besides its samples, built once by :func:`_context`.
+
+    numpy arrays and scalars only, so that the engine tokenizes it once, cheaply, and ships it as one graph
+    key; the kernel gets the arrays as tensors on its own device from :func:`_tensors`.
+    """
+
+    device: str  # the settings' device; "auto" is resolved where the chunk runs
+    threads: int | None  # torch threads (None: cores / dask threads, on the machine running the chunk)
+    nt: int
+    nt0: int
+    th: float
+    max_peels: int
+    Tm: np.ndarray  # (n_rows, nt) temporal factors
+    rows: np.ndarray  # (n_rows,) template of each row
+    row_ranges: tuple[tuple[int, int], ...]  # row groups
+    group_channels: tuple[np.ndarray, ...]  # each group's channels
+    S_groups: tuple[np.ndarray, ...]  # each group's spatial factors on its channels
+    Ur: np.ndarray  # (K, C, nt) low-rank sparse templates
+    inv_norm: np.ndarray  # (K,) 1 / |U_k|
+    nb: np.ndarray  # (K, J) overlapping templates
+    ctc_nb: np.ndarray  # (K, J, 2nt-1) their scaled cross-correlations
+    chan: np.ndarray  # (K, I) each template's channels
+    ur_nb: np.ndarray  # (K, I, nt) its waveform there
+    nearU: np.ndarray  # (K, nC) feature channels
+    ur_near: np.ndarray  # (K, nC, nt) the template on them
+    pcs: np.ndarray  # (P, nt)
+
+
+_TENSORS = ("Tm", "rows", "Ur", "inv_norm", "nb", "ctc_nb", "chan", "ur_nb", "nearU", "ur_near", "pcs")
+
+
+def _tensors(ctx: _MatchContext, dev: torch.device) -> dict[str, Any]:
+    """The context's arrays as tensors on ``dev`` (the group lists as lists), made once per process and device."""
+    def make() -> dict[str, Any]:
+        out: dict[str, Any] = {k: torch.from_numpy(getattr(ctx, k)).to(dev) for k in _TENSORS}
+        out["group_channels"] = [torch.from_numpy(ch).to(dev) for ch in ctx.group_channels]
+        out["S_groups"] = [torch.from_numpy(sg).to(dev) for sg in ctx.S_groups]
+        return out
+
+    return memo(ctx, ("tensors", str(dev)), make)
+
+
 def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, positions: np.ndarray, *, th: float,
-             max_peels: int, nt0: int, device: torch.device, threads: int | None, rank: int,
-             drop_tol: float) -> dict[str, Any]:
+             max_peels: int, nt0: int, device: str | torch.device, threads: int | None, rank: int,
+             drop_tol: float) -> _MatchContext:
     """Everything a chunk needs, computed once: low-rank sparse factors, their row groups, the exact template
     cross-correlations restricted to overlapping pairs, and the per-template channel supports."""
     K, C, nt = templates.shape
@@ -178,19 +224,16 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
     ur_nb = np.take_along_axis(Ur, chan[:, :, None], axis=1) * _valid_mask(chan_mask)[..., None] if K else \
         np.zeros((0, 1, nt), np.float32)
     ur_near = np.take_along_axis(Ur, nearU[:, :, None], axis=1) if K else np.zeros((0, nearU.shape[1], nt), np.float32)
-    return {
-        "device": device, "threads": threads, "nt": nt, "nt0": int(nt0), "th": float(th), "max_peels": int(max_peels),
-        "Tm": torch.from_numpy(temporal), "rows": torch.from_numpy(rows),
-        "row_ranges": [(r0, r1) for r0, r1, _ in groups],
-        "group_channels": [torch.from_numpy(ch) for _, _, ch in groups],
-        "S_groups": [torch.from_numpy(np.ascontiguousarray(spatial[r0:r1][:, ch])) for r0, r1, ch in groups],
-        "Ur": Ut, "inv_norm": torch.from_numpy(inv_norm),
-        "nb": torch.from_numpy(nb), "ctc_nb": torch.from_numpy(np.ascontiguousarray(ctc_nb, np.float32)),
-        "chan": torch.from_numpy(chan), "ur_nb": torch.from_numpy(np.ascontiguousarray(ur_nb, np.float32)),
-        "nearU": torch.from_numpy(np.asarray(nearU, np.int64)),
-        "ur_near": torch.from_numpy(np.ascontiguousarray(ur_near, np.float32)),
-        "pcs": torch.from_numpy(np.asarray(pcs, np.float32)),
-    }
+    return _MatchContext(
+        device=str(device), threads=threads, nt=nt, nt0=int(nt0), th=float(th), max_peels=int(max_peels),
+        Tm=np.ascontiguousarray(temporal), rows=np.ascontiguousarray(rows),
+        row_ranges=tuple((int(r0), int(r1)) for r0, r1, _ in groups),
+        group_channels=tuple(ch for _, _, ch in groups),
+        S_groups=tuple(np.ascontiguousarray(spatial[r0:r1][:, ch]) for r0, r1, ch in groups),
+        Ur=Ur, inv_norm=inv_norm, nb=nb, ctc_nb=np.ascontiguousarray(ctc_nb, np.float32), chan=chan,
+        ur_nb=np.ascontiguousarray(ur_nb, np.float32), nearU=np.asarray(nearU, np.int64),
+        ur_near=np.ascontiguousarray(ur_near, np.float32), pcs=np.asarray(pcs, np.float32),
+    )
 
 
 def _valid_mask(mask: np.ndarray) -> np.ndarray:
@@ -217,43 +260,29 @@ def _subtract_windows(target: torch.Tensor, t: torch.Tensor, k: torch.Tensor, a:
         flat.index_add_(0, idx.reshape(-1), (values[kb] * (-ab)[:, None, None]).reshape(-1))
 
 
-def _on_device(ctx: dict, dev: torch.device) -> dict:
-    """The context's tensors (and lists of tensors) on ``dev``, cached in the context per device under
-    ``<name>_d`` keys, so chunks do not copy them again."""
-    key = ("on", str(dev))
-    if ctx.get(key) is None:
-        moved = {}
-        for k, v in list(ctx.items()):
-            if isinstance(k, str) and isinstance(v, torch.Tensor):
-                moved[f"{k}_d"] = v.to(dev)
-            elif isinstance(k, str) and isinstance(v, list) and all(isinstance(t, torch.Tensor) for t in v):
-                moved[f"{k}_d"] = [t.to(dev) for t in v]
-        ctx[key] = moved
-    return {**ctx, **ctx[key]}
-
-
-def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any]:
-    dev = ctx["device"]
-    c = _on_device(ctx, dev)
-    with torch_threads(ctx["threads"]):
+@chunk_kernel(halo=lambda ctx: 3 * ctx.nt)
+def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict[str, Any]:
+    dev = resolve_device(ctx.device)
+    c = _tensors(ctx, dev)
+    with torch_threads(ctx.threads or default_torch_threads()):
         x = torch.from_numpy(np.ascontiguousarray(block.T, dtype=np.float32)).to(dev).contiguous()  # (C, L)
         C, L = x.shape
-        nt, nt0 = ctx["nt"], ctx["nt0"]
-        rows, inv_norm = c["rows_d"], c["inv_norm_d"]
-        K = c["Ur_d"].shape[0]
+        nt, nt0 = ctx.nt, ctx.nt0
+        rows, inv_norm = c["rows"], c["inv_norm"]
+        K = c["Ur"].shape[0]
         # B[k, t] = Σ_rows(k) (S_row · x) ⋆ T_row: per group of rows a product over its channel range only, the
         # rows' FFTs, and the sum over each template's rows in the frequency domain (K inverse FFTs)
         n = fast_len(L + nt)
         filt = _filter_spectrum(ctx, n, dev)
         Bf = torch.zeros((K, n // 2 + 1), dtype=filt.dtype, device=dev)
-        for (r0, r1), chans, s_g in zip(ctx["row_ranges"], c["group_channels_d"], c["S_groups_d"]):
+        for (r0, r1), chans, s_g in zip(ctx.row_ranges, c["group_channels"], c["S_groups"]):
             y = s_g @ x.index_select(0, chans)
             Bf.index_add_(0, rows[r0:r1], rfft(y, n=n) * filt[r0:r1])
         shift = nt - 1 - nt0
         # the loop keeps bs = B / |U| so that Cf = relu(bs)² and the best template is an argmax of bs
         bs = irfft(Bf, n=n)[:, shift:shift + L] * inv_norm[:, None]
         del Bf
-        th2 = ctx["th"] ** 2
+        th2 = ctx.th ** 2
         lo, hi = nt, L - nt
         valid = torch.zeros(L, dtype=torch.bool, device=dev)
         valid[lo:max(lo, hi)] = True
@@ -263,7 +292,7 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
         tau = torch.arange(nt, device=dev)
         mark = torch.zeros(L, dtype=torch.bool, device=dev)
         times, ids, amps, scores = [], [], [], []
-        for _ in range(ctx["max_peels"]):
+        for _ in range(ctx.max_peels):
             pooled = F.max_pool1d(Cfmax[None, None], 2 * nt + 1, stride=1, padding=nt)[0, 0]
             t = torch.nonzero((Cfmax >= pooled) & (Cfmax > th2), as_tuple=True)[0]
             if len(t) == 0:
@@ -275,9 +304,9 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
             amps.append(a)
             scores.append(Cfmax[t].sqrt())
             # scores: bs[j, t+δ] -= a · ctc[k, j, δ] / |U_j| over the templates j overlapping k
-            _subtract_windows(bs, t, k, a, c["nb_d"], c["ctc_nb_d"], dl)
+            _subtract_windows(bs, t, k, a, c["nb"], c["ctc_nb"], dl)
             # residual data: x[c, t - nt0 + τ] -= a · U_k[c, τ] on k's own channels
-            _subtract_windows(x, t - nt0, k, a, c["chan_d"], c["ur_nb_d"], tau)
+            _subtract_windows(x, t - nt0, k, a, c["chan"], c["ur_nb"], tau)
             # only the columns within one template length of a fitted spike changed: refresh their maximum there
             mark.zero_()
             mark[(t[:, None] + dl[None, :]).reshape(-1)] = True
@@ -295,8 +324,8 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
         core = (t_glob >= info.start) & (t_glob < info.stop)
         t, k, a, sc, t_glob = t[core], k[core], a[core], sc[core], t_glob[core]
         # features and means from residual + own fitted template; the own part of the sums is Σa · U_k
-        pcs, near, ur_near = c["pcs_d"], c["nearU_d"], c["ur_near_d"]
-        sums = torch.zeros(K, device=dev).index_add_(0, k, a)[:, None, None] * c["Ur_d"]
+        pcs, near, ur_near = c["pcs"], c["nearU"], c["ur_near"]
+        sums = torch.zeros(K, device=dev).index_add_(0, k, a)[:, None, None] * c["Ur"]
         feats = []
         for b0 in range(0, len(t), _SPIKE_BATCH):
             tb, kb, ab = t[b0:b0 + _SPIKE_BATCH], k[b0:b0 + _SPIKE_BATCH], a[b0:b0 + _SPIKE_BATCH]
@@ -317,36 +346,31 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: dict) -> dict[str, Any
         }
 
 
-def _filter_spectrum(ctx: dict, n: int, dev: torch.device) -> torch.Tensor:
-    """FFT of the reversed temporal factors at length ``n`` (cached per length and device)."""
-    key = ("spec", n, str(dev))
-    spec = ctx.get(key)
-    if spec is None:
-        spec = rfft(torch.flip(ctx["Tm"].to(dev), dims=(-1,)), n=n)
-        ctx[key] = spec
-    return spec
+def _filter_spectrum(ctx: _MatchContext, n: int, dev: torch.device) -> torch.Tensor:
+    """FFT of the reversed temporal factors at length ``n`` (made once per process, length and device)."""
+    return memo(ctx, ("spectrum", n, str(dev)),
+                lambda: rfft(torch.flip(_tensors(ctx, dev)["Tm"], dims=(-1,)), n=n))
 
 
-def _empty(ctx: dict) -> dict[str, Any]:
-    K, C, nt = ctx["Ur"].shape
-    nC = ctx["nearU"].shape[1]
-    P = ctx["pcs"].shape[0]
+def _empty(ctx: _MatchContext) -> dict[str, Any]:
+    K, C, nt = ctx.Ur.shape
+    nC = ctx.nearU.shape[1]
+    P = ctx.pcs.shape[0]
     return {"time": np.zeros(0, np.int64), "template": np.zeros(0, np.int64), "amplitude": np.zeros(0, np.float32),
             "score": np.zeros(0, np.float32), "features": np.zeros((0, nC, P), np.float32),
             "sums": np.zeros((K, C, nt), np.float32), "counts": np.zeros(K, np.int64)}
 
 
-def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, settings: Settings | None = None, *,
-          rank: int | None = None, sparse: bool = True, progress: bool = False,
-          client: Any = None) -> xr.Dataset:
+def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, settings: Settings | None = None, *,
+          rank: int | None = None, sparse: bool = True) -> xr.Dataset:
     """Find every spike of every template by matching pursuit.
 
     Parameters
     ----------
     white : xarray.DataArray (time, channel)
         Whitened, drift-corrected recording.
-    templates : ndarray (K, C, nt) float32
-        Whitened templates, trough at ``nt0min``.
+    templates : xarray.DataArray (unit, channel, sample) float32
+        Whitened templates, trough at ``nt0min`` (:func:`spikearray.clustering.full_templates`).
     bases : xarray.Dataset
         Temporal PCs (``pc``) for the spike features.
     settings : Settings
@@ -370,6 +394,11 @@ def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, setting
         ``template_count``, ``template_channels`` (template, nearest) the feature channels (positions).
     """
     s = Settings.coerce(settings)
+    if not isinstance(templates, xr.DataArray) or set(templates.dims) != {"unit", "channel", "sample"}:
+        raise DataError("match: templates must be a DataArray with dims (unit, channel, sample), as "
+                        f"full_templates returns; got {type(templates).__name__} "
+                        f"{getattr(templates, 'dims', getattr(templates, 'shape', ''))}.")
+    templates = np.asarray(templates.transpose("unit", "channel", "sample").values, dtype=np.float32)
     K, C, nt = templates.shape
     pos = positions(white)
     shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(C, int)
@@ -379,13 +408,10 @@ def match(white: xr.DataArray, templates: np.ndarray, bases: xr.Dataset, setting
     near = nearest_channels(pos, nC, shank)
     nearU = near[best] if K else np.zeros((0, nC), int)
     ctx = _context(templates, bases["pc"].values, nearU, pos, th=float(s.Th_learned), max_peels=int(s.max_peels),
-                   nt0=s.nt0min_, device=resolve_device(s.device), threads=s.torch_threads or default_torch_threads(),
+                   nt0=s.nt0min_, device=s.device, threads=s.torch_threads,
                    rank=rank, drop_tol=_DROP_FRACTION * float(s.Th_learned) if sparse else 0.0)
-    if K == 0:
-        parts = []
-    else:
-        tasks = map_chunks(white.data, _match_block, halo=3 * nt, args=(ctx,), name="match")
-        parts = compute_tasks(tasks, progress=progress, desc="match", client=client, prefix="match")
+    # one task per chunk on the current dask client or the threaded scheduler; ctx is one graph key
+    parts = run_chunks(_match_block, as_dask(white), ctx, name="match") if K else []
     empty = _empty(ctx)
     cat = {k: np.concatenate([p[k] for p in parts]) if parts else empty[k]
            for k in ("time", "template", "amplitude", "score", "features")}
