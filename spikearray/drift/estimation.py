@@ -9,6 +9,7 @@ import xarray as xr
 
 from .._compute import resolve_device
 from ..errors import RecordingError
+from ..geometry import shanks as channel_shanks
 from ..settings import Settings
 from .peaks import detect_peaks
 from .registration import block_layout, register
@@ -91,7 +92,7 @@ def estimate(rec: xr.DataArray, settings: Settings | dict | None = None) -> xr.D
     T = len(edges) - 1
     t_centres = (edges[:-1] + edges[1:]) / 2.0
     cy = np.asarray(rec["y"].values, dtype=np.float64)
-    shank = np.asarray(rec["shank"].values) if "shank" in rec.coords else np.zeros(len(cy), np.int64)
+    shank = channel_shanks(rec)
     shanks = np.unique(shank)
     attrs = {
         "nblocks": int(s.nblocks), "batch_size": int(s.batch_size), "binning_depth": float(s.binning_depth),

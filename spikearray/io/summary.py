@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..geometry import uV_gains
+
 __all__ = ["summary", "format_summary"]
 
 
@@ -31,7 +33,7 @@ def summary(rec: xr.DataArray) -> dict[str, Any]:
     """
     fs = float(rec.attrs["sampling_rate"])
     n = int(rec.sizes["time"])
-    gains = np.asarray(rec["gain_to_uV"].values, dtype=float) if "gain_to_uV" in rec.coords else np.array([1.0])
+    gains = uV_gains(rec).astype(float)
     chunks = rec.chunks[0] if rec.chunks else (n,)
     return {
         "source": rec.attrs.get("source", ""),
