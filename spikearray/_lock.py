@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +26,15 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from .errors import OutputError, OutputLockedError
 
-__all__ = ["LOCK_NAME", "output_lock", "holds_output_lock", "read_lock", "pid_alive"]
+__all__ = ["LOCK_NAME", "output_lock", "holds_output_lock", "read_lock", "pid_alive", "live_holder"]
 
 T = TypeVar("T")
 
 LOCK_NAME = ".spikearray.lock"
+# locks this process holds: lock path -> [thread that took it, nesting depth]. The same thread may take a lock
+# again (``with output_lock(out): sort(output=out)``); another thread of this process may not.
+_HELD: dict[str, list[int]] = {}
+_HELD_GUARD = threading.Lock()
 
 
 def pid_alive(pid: int) -> bool:
@@ -58,6 +63,20 @@ def read_lock(path: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def live_holder(output: str | os.PathLike) -> dict | None:
+    """The record of the run holding ``output``'s lock, or None if the folder is free (or its lock is stale).
+
+    A lock from another host counts as held (it cannot be checked from here).
+    """
+    holder = read_lock(Path(output) / LOCK_NAME)
+    if holder is None:
+        return None
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
+        return None
+    return holder
 
 
 def _describe(holder: dict | None) -> str:
@@ -124,8 +143,12 @@ def _acquire(out: Path, what: str) -> tuple[Path, str]:
                     pass
             aside.unlink(missing_ok=True)
             continue
-        hint = ("wait for it to finish, or stop it" if same_host else
-                "it runs on another machine; if you are sure no run uses this folder any more, delete the lock file")
+        if same_host and pid == os.getpid():
+            hint = "it is another thread of this process; run the two one after the other"
+        elif same_host:
+            hint = "wait for it to finish, or stop it"
+        else:
+            hint = "it runs on another machine; if you are sure no run uses this folder any more, delete the lock file"
         raise OutputLockedError(
             f"{what} {str(out)!r} is in use by another spikearray run: {_describe(holder)}. Two runs in one "
             f"output folder would overwrite each other's stage caches; {hint}, or choose another output folder. "
@@ -165,6 +188,21 @@ def output_lock(output: str | os.PathLike | None, *, what: str = "output folder"
         yield None
         return
     out = Path(output)
+    key = str((out / LOCK_NAME).absolute())
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[0] == threading.get_ident():
+            held[1] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:  # this thread holds it already: keep holding, release at the outermost exit
+        try:
+            yield out / LOCK_NAME
+        finally:
+            with _HELD_GUARD:
+                _HELD[key][1] -= 1
+        return
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -175,9 +213,13 @@ def output_lock(output: str | os.PathLike | None, *, what: str = "output folder"
             raise disk_full_error(out, None, what) from e
         raise
     lock, token = _acquire(out, what)
+    with _HELD_GUARD:
+        _HELD[key] = [threading.get_ident(), 1]
     try:
         yield lock
     finally:
+        with _HELD_GUARD:
+            _HELD.pop(key, None)
         holder = read_lock(lock)
         if holder is not None and holder.get("token") == token:
             lock.unlink(missing_ok=True)

@@ -145,6 +145,10 @@ def _cmd_sort(args: argparse.Namespace) -> int:
     rec = open_recording(args.path, **kw)
     out = Path(args.out)
     resuming = (out / STAGES_DIR).is_dir() and not (out / "sorting.zarr").exists() and not args.overwrite
+    if resuming:  # not while another run works there (sort refuses then, OutputLockedError)
+        from ._lock import live_holder
+
+        resuming = live_holder(out) is None
     if resuming:
         print(f"resuming    an unfinished run in {out} (finished stages are reused when their inputs match)")
     client = None

@@ -326,9 +326,12 @@ def test_second_run_into_a_locked_folder_refuses_at_once(lock_holder, small_reco
     # the command line: one line, exit status 2
     (tmp_path / "rec").mkdir()
     path = sa.synthetic.write_spikeglx(small_recording[0], tmp_path / "rec" / "r.ap.bin")
+    (out / ".stages").mkdir()  # the holder's caches: the refused run does not claim to resume them
     assert cli_main(["sort", str(path), "--out", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert f"pid {proc.pid}" in err and "in use by another spikearray run" in err and "Traceback" not in err
+    assert "resuming" not in captured.out
     assert read_lock(out / LOCK_NAME)["pid"] == proc.pid  # the holder's lock is still there
     proc.stdin.close()
     proc.wait(60)
@@ -352,6 +355,31 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
         with output_lock(out):
             pass
     assert read_lock(out / LOCK_NAME)["token"] == "y"
+
+
+def test_lock_is_reentrant_in_one_thread_but_not_across_threads(tmp_path):
+    import threading
+
+    out = tmp_path / "out"
+    seen: list[BaseException] = []
+
+    def other_thread():
+        try:
+            with output_lock(out):
+                pass
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            seen.append(e)
+
+    with output_lock(out) as lock:
+        with output_lock(out):  # e.g. a recipe that locks its folder, then calls sort(output=out)
+            assert lock.exists()
+        assert read_lock(lock)["pid"] == os.getpid()  # the inner exit did not release it
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join(30)
+        assert len(seen) == 1 and isinstance(seen[0], OutputLockedError)
+        assert "another thread of this process" in str(seen[0])
+    assert not lock.exists() and not out.exists()  # released; the empty folder it made is removed
 
 
 def test_lock_released_when_sort_raises(tmp_path, small_recording):
