@@ -282,9 +282,16 @@ def test_real_full_tmpfs(tmp_path, sorting, small_recording):
         _same_sorting(sa.open_sorting(fs / "out").load(), sorting)
 
         rec = small_recording[0].astype(np.float32)  # 4 s x 32 ch: 7.7 MB as int16, far more than free
-        with pytest.raises(DiskFullError, match=r"preprocessed int16 copy .*needs"):
+        with pytest.raises(DiskFullError, match=r"preprocessed int16 copy .*needs .*Nothing was written"):
             _cache.write_int16(rec, fs / "pre.int16")
         assert not (fs / "pre.int16").exists() and not (fs / "pre.int16.partial").exists()
+        # were the free space misreported (another writer, a quota), the allocation itself fails at once: an
+        # ENOSPC, not a SIGBUS from a memory-mapped write into a sparse file
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(_atomic, "free_bytes", lambda path: 1 << 40)
+            with pytest.raises(DiskFullError, match="partial file was deleted"):
+                _cache.write_int16(rec, fs / "pre.int16")
+        assert not (fs / "pre.int16.partial").exists() and shutil.disk_usage(fs).used == used
 
 
 # ------------------------------------------------------------------------------------ 5: two runs, one folder
