@@ -34,7 +34,8 @@ def render() -> str:
         for v in OUTPUTS:
             if v.section == section:
                 meaning = _cell(v.description) + (" (optional)" if v.optional else "")
-                out.append(f"| `{v.name}` | {', '.join(v.dims)} | {v.dtype} | {_UNIT.get(v.unit, v.unit)} | {meaning} |")
+                unit = _UNIT.get(v.unit, v.unit)
+                out.append(f"| `{v.name}` | {', '.join(v.dims)} | {v.dtype} | {unit} | {meaning} |")
         out.append("")
     out += ["### Attributes (JSON types only)", "", "| name | type | meaning |", "| --- | --- | --- |"]
     out += [f"| `{k}` | {t} | {_cell(d)} |" for k, (t, d) in ATTRIBUTES.items()]
