@@ -47,3 +47,21 @@ def sorted_session(tmp_path_factory):
     sorting = sa.sort(recording, sa.Settings(nblocks=0, batch_size=30000), output=root / "out", progress=False)
     return {"root": root, "raw": raw, "out": root / "out", "recording": recording, "truth": truth,
             "sorting": sorting}
+
+
+@pytest.fixture(scope="session")
+def sorted_drifting_session(tmp_path_factory):
+    """A drifting synthetic SpikeGLX session (16 s, 32 channels, 8 units, 20 µm rigid drift) sorted once with
+    drift correction (``nblocks=1, batch_size=30000``), outputs and report: ``root/sorted`` holds sorting.zarr,
+    phy/ and report/. Returns dict(root, raw, out, truth). Shared by tests/test_report.py and test_docs.py, which
+    sorted the same kind of session with the same settings each on their own."""
+    import spikearray as sa
+    from spikearray.synthetic import write_spikeglx
+
+    root = tmp_path_factory.mktemp("drifting_session")
+    rec, truth = generate_recording(duration=16.0, n_channels=32, n_units=8, seed=1, drift="rigid", drift_um=20)
+    raw = write_spikeglx(rec, root / "demo_g0_t0.imec0.ap.bin")
+    out = root / "sorted"
+    sa.sort(sa.open_recording(raw), sa.Settings(nblocks=1, batch_size=30000), output=out, progress=False,
+            report=True)
+    return {"root": root, "raw": raw, "out": out, "truth": truth}

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import spikearray as sa
-from spikearray.synthetic import generate_recording, write_spikeglx
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -41,14 +40,10 @@ def _run_blocks(md: Path, cwd: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sorted_folder(tmp_path_factory):
-    """``sorted/`` (sorting.zarr + phy/) of a drifting synthetic SpikeGLX session, in a fresh folder."""
-    tmp = tmp_path_factory.mktemp("docs")
-    rec, _ = generate_recording(duration=12.0, n_channels=32, n_units=6, seed=4, drift="rigid", drift_um=15)
-    raw = write_spikeglx(rec, tmp / "run_g0_t0.imec0.ap.bin")
-    sa.sort(sa.open_recording(raw), sa.Settings(nblocks=1, batch_size=30000), output=tmp / "sorted",
-            progress=False)
-    return tmp
+def sorted_folder(sorted_drifting_session):
+    """The folder holding ``sorted/`` (sorting.zarr + phy/) of a drifting synthetic SpikeGLX session (the
+    session-wide fixture of conftest.py, shared with the report tests)."""
+    return sorted_drifting_session["root"]
 
 
 def test_from_kilosort4_guide_runs(sorted_folder):

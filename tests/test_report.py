@@ -39,15 +39,10 @@ def _chromium(page: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
-def sorted_dir(tmp_path_factory):
-    """A drifting synthetic SpikeGLX session sorted with drift correction, outputs and report on disk."""
-    tmp = tmp_path_factory.mktemp("report")
-    rec, truth = generate_recording(duration=16.0, n_channels=32, n_units=8, seed=1, drift="rigid", drift_um=20)
-    raw = write_spikeglx(rec, tmp / "demo_g0_t0.imec0.ap.bin")
-    out = tmp / "sorted"
-    sa.sort(sa.open_recording(raw), sa.Settings(nblocks=1, batch_size=30000), output=out, progress=False,
-            report=True)
-    return out, truth
+def sorted_dir(sorted_drifting_session):
+    """A drifting synthetic SpikeGLX session sorted with drift correction, outputs and report on disk (the
+    session-wide fixture of conftest.py)."""
+    return sorted_drifting_session["out"], sorted_drifting_session["truth"]
 
 
 def test_sort_with_report_writes_every_figure(sorted_dir):
