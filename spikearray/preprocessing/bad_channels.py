@@ -10,6 +10,7 @@ import xarray as xr
 
 from ..errors import SettingsError
 from ._common import check_recording, json_friendly
+from .._engine import compute_tasks
 from ._graph import as_dask, sample_windows
 
 __all__ = ["detect_bad_channels", "BadChannelWarning", "bad_channel_tasks", "classify_bad_channels",
@@ -94,7 +95,7 @@ def detect_bad_channels(rec: xr.DataArray, *, dead_threshold: float = 0.1, noisy
 
         rec = highpass(rec, cutoff, device=device)
     windows = sample_windows(rec.sizes["time"], batch_size=batch_size, nskip=nskip, seed=seed)
-    sds = list(dask.compute(*bad_channel_tasks(rec, windows)))
+    sds = compute_tasks(bad_channel_tasks(rec, windows), desc="bad channels")
     return classify_bad_channels(rec, sds, dead_threshold=dead_threshold, noisy_threshold=noisy_threshold)
 
 

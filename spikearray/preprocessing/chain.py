@@ -14,6 +14,7 @@ from ..errors import DataError, RecordingError, SettingsError
 from ..geometry import neighbourhoods
 from ..settings import PARAMETERS, Settings
 from ._common import check_recording, derive_attrs
+from .._engine import compute_tasks
 from ._graph import as_dask, map_time_blocks, map_time_overlap, sample_windows, wrap_like
 from ._kernels import band_blocks, covariance_block, median_subtract, reference_whiten_inplace, whiten_block
 from .bad_channels import classify_bad_channels, robust_sd, warn_bad_channels
@@ -230,7 +231,7 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
     pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, k=int(settings.whitening_range)))
     tasks = _window_estimates(data, windows, hp_run, halo, do_car=do_car, device=dev, threads=threads,
                               cov_blocks=band_blocks(pairs), artifact_threshold=threshold)
-    results = dask.compute(*tasks)
+    results = compute_tasks(tasks, desc="whitening")  # the sampled windows, on the current client or threads
     clean = [i for i, r in enumerate(results) if r is not None]
     if not clean:
         raise DataError(f"artifact_threshold={threshold:g} µV flags every window sampled for the whitening "

@@ -11,6 +11,7 @@ from .._compute import default_torch_threads, resolve_device, torch_threads
 from ..errors import DataError, ProbeMismatchError, SettingsError
 from ..geometry import neighbourhoods, uV_gains
 from ._common import check_finite, check_recording, derive_attrs, json_friendly
+from .._engine import compute_tasks
 from ._graph import as_dask, map_time_blocks, sample_windows, wrap_like
 from ._kernels import band_blocks, covariance_block, whiten_block
 from .bad_channels import classify_bad_channels, robust_sd, warn_bad_channels
@@ -125,7 +126,8 @@ def matrix_from_estimates(rec: xr.DataArray, covs: list[tuple[np.ndarray, int]],
     if pairs is not None:
         need = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, k=whitening_range, exclude=exclude))
         if (need & ~pairs).any():
-            covs = list(dask.compute(*covariance_tasks(rec, windows, device=torch.device("cpu"), threads=None)))
+            covs = compute_tasks(covariance_tasks(rec, windows, device=torch.device("cpu"), threads=None),
+                                 desc="whitening")
     total = sum(n for _, n in covs)
     cov = sum(cv for cv, _ in covs) / max(total, 1)
     if not np.isfinite(cov).all():
@@ -189,8 +191,8 @@ def whitening_matrix(rec: xr.DataArray, *, whitening_range: int = 32, nskip: int
     threads = torch_threads or default_torch_threads()
     windows = sample_windows(rec.sizes["time"], batch_size=batch_size, nskip=nskip, seed=seed)
     pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, k=whitening_range))
-    results = dask.compute(*covariance_tasks(rec, windows, device=dev, threads=threads, pairs=pairs,
-                                             with_sd=bad_channels is None))
+    results = compute_tasks(covariance_tasks(rec, windows, device=dev, threads=threads, pairs=pairs,
+                                             with_sd=bad_channels is None), desc="whitening")
     covs = [r[:2] for r in results]
     if bad_channels is None:
         bad_channels = classify_bad_channels(rec, [r[2] for r in results], dead_threshold=0.1, noisy_threshold=5.0)
