@@ -154,3 +154,10 @@ def test_channel_map_that_disagrees_with_nsavedchans_is_refused(tmp_path):
     meta["~snsChanMap"] = "(384,384,1)" + "".join(f"(AP{c};{c}:{c})" for c in range(380)) + "(SY0;768:768)"
     with pytest.raises(SpikearrayError, match=r"snsChanMap lists 381 channels but nSavedChans=385"):
         sa.open_recording(_write(tmp_path, meta))
+
+
+def test_save_subset_all_maps_columns_in_ap_lf_sy_order(tmp_path):
+    meta = np1_meta(N)
+    meta["snsSaveChanSubset"] = "all"  # NP1.0 acquires 384 AP + 384 LF + 1 SY; the .ap.bin holds AP + SY
+    rec = sa.open_recording(_write(tmp_path, meta))
+    assert rec.sizes["channel"] == 384 and rec.attrs["sync_columns"] == [384]

@@ -429,7 +429,11 @@ def spikeglx_info(path: str | Path) -> SpikeGLXInfo:
     if sum(counts) != n_saved:
         raise MetaFileError(f"{meta_path}: snsApLfSy={counts} sums to {sum(counts)} but nSavedChans={n_saved}.")
     acq = _counts(meta, "acqApLfSy" if "acqApLfSy" in meta else "snsApLfSy", meta_path)
-    orig = _parse_subset(meta.get("snsSaveChanSubset", "all"), n_saved, meta_path)
+    subset = meta.get("snsSaveChanSubset", "all")
+    if subset.strip().lower() == "all":  # every acquired channel, in file order AP, LF, SY
+        orig = np.r_[np.arange(counts[0]), acq[0] + np.arange(counts[1]), acq[0] + acq[1] + np.arange(counts[2])]
+    else:
+        orig = _parse_subset(subset, n_saved, meta_path)
     if len(orig) != n_saved:
         raise MetaFileError(
             f"{meta_path}: snsSaveChanSubset lists {len(orig)} channels but nSavedChans={n_saved}."
