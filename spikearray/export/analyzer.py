@@ -320,7 +320,9 @@ def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.D
     vec = analyzer.sorting.to_spike_vector()
     st = np.asarray(sorting["spike_time"].values, np.int64)
     su = np.asarray(sorting["spike_unit"].values, np.int64)
-    uidx = np.searchsorted(np.asarray(unit_ids, np.int64), su)
+    ids = np.asarray(unit_ids, np.int64)
+    by_id = np.argsort(ids, kind="stable")
+    uidx = by_id[np.searchsorted(ids[by_id], su)]  # unit index (position in unit_ids) of each spike
     ours = np.lexsort((st, uidx))
     theirs = np.lexsort((vec["sample_index"], vec["unit_index"]))
     if not (np.array_equal(vec["sample_index"][theirs], st[ours])
