@@ -222,10 +222,10 @@ def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.D
     spikeinterface.core.SortingAnalyzer
         Unit ids = the Dataset's; channel ids = file rows. Extensions: ``random_spikes`` (SpikeInterface's
         default selection), ``templates`` (``average`` = the Dataset's µV ``template``, dense, ``ms_before`` =
-        ``nt0min`` samples; ``std`` see ``template_std``), ``spike_amplitudes`` (the Dataset's ``spike_amplitude`` in SpikeInterface's
-        convention: signed µV at the template's extremum on the main channel, i.e. ``spike_amplitude ×
-        extremum / amplitude``), ``spike_locations`` (``spike_x``, ``spike_depth``), ``unit_locations``
-        (``unit_x``, ``depth``), and ``noise_levels``.
+        ``nt0min`` samples; ``std`` see ``template_std``), ``spike_amplitudes`` (the Dataset's
+        ``spike_amplitude`` in SpikeInterface's convention: signed µV at the template's extremum on the main
+        channel, i.e. ``spike_amplitude × extremum / amplitude``), ``spike_locations`` (``spike_x``,
+        ``spike_depth``), ``unit_locations`` (``unit_x``, ``depth``), and ``noise_levels``.
 
     Raises
     ------
@@ -247,7 +247,7 @@ def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.D
     require("spikeinterface.core", "interop", "to_sorting_analyzer")
     require("probeinterface", "interop", "to_sorting_analyzer")
     import spikeinterface.core as sic
-    from spikeinterface.core.analyzer_extension_core import ComputeRandomSpikes, ComputeTemplates  # noqa: F401
+    from spikeinterface.core.analyzer_extension_core import ComputeTemplates
     from spikeinterface.postprocessing import ComputeSpikeAmplitudes, ComputeSpikeLocations, ComputeUnitLocations
 
     from ..io.spikeinterface import to_spikeinterface

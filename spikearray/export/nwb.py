@@ -237,8 +237,8 @@ def export_nwb(sorting: xr.Dataset | str | os.PathLike, path: str | os.PathLike,
     Examples
     --------
     >>> import spikearray as sa
-    >>> sa.export_nwb("DIR", "DIR/session.nwb",
-    ...               subject={"subject_id": "m1", "species": "Mus musculus", "sex": "F", "age": "P90D"})  # doctest: +SKIP
+    >>> subject = {"subject_id": "m1", "species": "Mus musculus", "sex": "F", "age": "P90D"}
+    >>> sa.export_nwb("DIR", "DIR/session.nwb", subject=subject, location="VISp")  # doctest: +SKIP
     >>> from pynwb import NWBHDF5IO
     >>> units = NWBHDF5IO("DIR/session.nwb").read().units.to_dataframe()  # doctest: +SKIP
     """
