@@ -53,7 +53,7 @@ class _Mover:
     """Per-call state of one correction: geometry, displacement and a small cache of matrices."""
 
     def __init__(self, drift: xr.Dataset, rec: xr.DataArray, sig: float, segment: int, quantum: float,
-                 device: torch.device, cache_size: int = 512) -> None:
+                 device: str, cache_size: int = 512) -> None:
         fs = float(rec.attrs["sampling_rate"])
         t0 = float(rec.attrs.get("time_start", 0.0))
         self.centres = (np.asarray(drift["time"].values, float) - t0) * fs  # samples
@@ -70,7 +70,8 @@ class _Mover:
             cs, bs = self.shank == sh, blk_shank == sh
             if bs.any():
                 self.chan_w[np.ix_(cs, bs)] = depth_weights(self.cy[cs], centres[bs])
-        self.sig, self.segment, self.quantum, self.device = sig, segment, quantum, device
+        # the device string ("auto" too) is resolved where a block runs: a GPU worker uses its GPU
+        self.sig, self.segment, self.quantum, self.device = sig, segment, quantum, str(device)
         self.cache: OrderedDict = OrderedDict()
         self.cache_size = cache_size
         self.lock = Lock()
@@ -84,15 +85,16 @@ class _Mover:
         self.cache = OrderedDict()
         self.lock = Lock()
 
-    def matrix(self, key: tuple) -> torch.Tensor:
+    def matrix(self, key: tuple, dev: torch.device) -> torch.Tensor:
+        key = (str(dev),) + key
         with self.lock:
             m = self.cache.get(key)
             if m is not None:
                 self.cache.move_to_end(key)
                 return m
-        shift = self.chan_w @ (np.asarray(key, np.float64) * self.quantum)
+        shift = self.chan_w @ (np.asarray(key[1:], np.float64) * self.quantum)
         m = torch.as_tensor(kriging_matrix(self.cx, self.cy, self.shank, shift, self.sig).T.astype(np.float32),
-                            device=self.device)
+                            device=dev)
         with self.lock:
             self.cache[key] = m
             if len(self.cache) > self.cache_size:
@@ -102,7 +104,8 @@ class _Mover:
     def __call__(self, block: np.ndarray, block_info=None) -> np.ndarray:
         s0 = int(block_info[0]["array-location"][0][0])
         n = block.shape[0]
-        x = torch.as_tensor(np.ascontiguousarray(block, dtype=np.float32), device=self.device)
+        dev = resolve_device(self.device)
+        x = torch.as_tensor(np.ascontiguousarray(block, dtype=np.float32), device=dev)
         out = torch.empty_like(x)
         seg0, seg1 = s0 // self.segment, (s0 + n - 1) // self.segment
         mids = (np.arange(seg0, seg1 + 1) + 0.5) * self.segment
@@ -112,7 +115,7 @@ class _Mover:
         for m in range(seg0, seg1 + 1):
             a = max(s0, m * self.segment) - s0
             b = min(s0 + n, (m + 1) * self.segment) - s0
-            out[a:b] = x[a:b] @ self.matrix(tuple(keys[m - seg0].tolist()))
+            out[a:b] = x[a:b] @ self.matrix(tuple(keys[m - seg0].tolist()), dev)
         return out.cpu().numpy()
 
 
@@ -160,7 +163,7 @@ def correct(rec: xr.DataArray, drift: xr.Dataset, *, sig_interp: float | None = 
         raise DataError("drift has no 'displacement' variable; pass the Dataset returned by drift.estimate.")
     settings = json.loads(drift.attrs.get("settings", "{}"))
     sig = float(sig_interp if sig_interp is not None else settings.get("sig_interp", 20.0))
-    dev = resolve_device(device if device is not None else settings.get("device", "auto"))
+    dev = device if device is not None else settings.get("device", "auto")  # resolved in each block
     fs = float(rec.attrs["sampling_rate"])
     segment = max(1, int(round(segment_ms * 1e-3 * fs)))
     mover = _Mover(drift, rec, sig, segment, float(quantum_um), dev)
