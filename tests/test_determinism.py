@@ -126,3 +126,40 @@ def test_whitening_covariance_is_the_same_for_any_thread_count():
     covs = [_at_threads(n, lambda: covariance_block(x, device=cpu, threads=n)) for n in (1, 2, 4)]
     for c in covs[1:]:
         np.testing.assert_array_equal(c, covs[0])
+
+
+_CHILD = """
+import sys
+import numpy as np
+import spikearray as sa
+s = sa.sort(sa.open_recording(sys.argv[1]), sa.Settings(chunk_seconds=0.5), progress=False)
+np.savez(sys.argv[2], t=s.spike_time.values, u=s.spike_unit.values, T=s.template.values, a=s.spike_amplitude.values)
+"""
+
+
+def test_sort_gives_the_same_spikes_with_other_cpu_kernels(recording, tmp_path):
+    """Another machine, simulated: the same int16 file sorted in a process whose MKL (torch's GEMM and FFT) and
+    OpenBLAS (numpy) are forced to their SSE4.2 kernels instead of this CPU's AVX2/AVX-512 ones. Summation
+    orders inside those kernels differ, so floats differ in their last bits (measured: templates by ~1e-5 and
+    amplitudes by ~3e-5 of their largest value, the whitening matrix by a few float32 ulps); the spikes and
+    their units must not. Exact equality here holds for this recording, not for every one: a spike whose score
+    sits within rounding of a threshold can flip between machines (the tolerance on floats is 1e-3)."""
+    import subprocess
+    import sys
+
+    from spikearray.synthetic import write_spikeglx
+
+    path = write_spikeglx(recording, tmp_path / "isa.ap.bin")
+    here = sa.sort(sa.open_recording(path), sa.Settings(chunk_seconds=0.5), progress=False)
+    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "OPENBLAS_CORETYPE": "Nehalem"}
+    subprocess.run([sys.executable, "-c", _CHILD, str(path), str(tmp_path / "other.npz")], env=env, check=True,
+                   timeout=600)
+    other = np.load(tmp_path / "other.npz")
+    T = here.template.values
+    if np.array_equal(other["T"], T):  # nothing changed, so nothing would be compared
+        pytest.skip("forcing SSE4.2 kernels changed no float here (this CPU's MKL/OpenBLAS may use them already)")
+    np.testing.assert_array_equal(other["t"], here.spike_time.values)
+    np.testing.assert_array_equal(other["u"], here.spike_unit.values)
+    np.testing.assert_allclose(other["T"], T, rtol=0, atol=1e-3 * float(np.abs(T).max()))
+    amp = float(np.abs(here.spike_amplitude.values).max())
+    np.testing.assert_allclose(other["a"], here.spike_amplitude.values, rtol=0, atol=1e-3 * amp)
