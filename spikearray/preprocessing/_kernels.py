@@ -19,7 +19,7 @@ import numpy as np
 import scipy.signal
 import torch
 
-from .._compute import torch_threads
+from .._compute import resolve_device, torch_threads
 from ._cpu_kernels import median_subtract_block, sosfiltfilt_block
 
 __all__ = ["butter_sos", "highpass_halo", "highpass_block", "median_subtract", "whiten_block", "band_blocks",
@@ -83,7 +83,7 @@ def _odd_extend(x: np.ndarray, gain: np.ndarray, left: int, right: int) -> np.nd
 
 
 def highpass_block(x: np.ndarray, gain: np.ndarray, *, order: int, cutoff: float, fs: float, extend_left: int,
-                   extend_right: int, device: torch.device, method: str = "auto",
+                   extend_right: int, device: str | torch.device, method: str = "auto",
                    threads: int | None = None) -> np.ndarray:
     """Zero-phase Butterworth high-pass of one block along time.
 
@@ -109,6 +109,7 @@ def highpass_block(x: np.ndarray, gain: np.ndarray, *, order: int, cutoff: float
         n_out = len(x) - left - min(extend_right, max(0, len(x) - left - 1))
     else:
         left, n_out = 0, len(x)
+    device = resolve_device(device)  # "auto" is resolved here, on the machine that runs the block
     if method == "auto":
         method = "iir" if device.type == "cpu" else "fft"
     if method == "iir":
@@ -131,13 +132,14 @@ def highpass_block(x: np.ndarray, gain: np.ndarray, *, order: int, cutoff: float
     return out[left:left + n_out]
 
 
-def median_subtract(x: np.ndarray, *, device: torch.device, threads: int | None = None,
+def median_subtract(x: np.ndarray, *, device: str | torch.device, threads: int | None = None,
                     out: np.ndarray | None = None) -> np.ndarray:
     """``x`` minus, at every sample, the median across channels (lower middle value for an even count).
 
     ``x`` is ``(n, c)`` float32; returns a new float32 array, or ``out`` (which may be ``x``) filled on CPU.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
+    device = resolve_device(device)  # "auto" is resolved here, on the machine that runs the block
     if device.type == "cpu":
         out = np.empty_like(x) if out is None else out
         median_subtract_block(x, out, np.empty(len(x), dtype=np.float32))
@@ -172,9 +174,10 @@ def band_blocks(w: np.ndarray) -> list[tuple[int, int, int, int]]:
     return best
 
 
-def whiten_block(x: np.ndarray, w: np.ndarray, blocks: list[tuple[int, int, int, int]], *, device: torch.device,
-                 threads: int | None = None) -> np.ndarray:
+def whiten_block(x: np.ndarray, w: np.ndarray, blocks: list[tuple[int, int, int, int]], *,
+                 device: str | torch.device, threads: int | None = None) -> np.ndarray:
     """``out[t, i] = sum_j w[i, j] x[t, j]`` (i.e. ``x @ w.T``) with the band structure ``blocks``; float32."""
+    device = resolve_device(device)  # "auto" is resolved here, on the machine that runs the block
     with torch_threads(threads):
         xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
         wt = torch.as_tensor(np.ascontiguousarray(w.T, dtype=np.float32), device=device)
@@ -233,7 +236,7 @@ def reference_whiten_inplace(y: np.ndarray, w: np.ndarray, blocks: list[tuple[in
     return y
 
 
-def covariance_block(x: np.ndarray, *, device: torch.device, threads: int | None = None,
+def covariance_block(x: np.ndarray, *, device: str | torch.device, threads: int | None = None,
                      blocks: list[tuple[int, int, int, int]] | None = None) -> np.ndarray:
     """``x.T @ x`` (not centred, as Kilosort4) of a ``(n, c)`` block, float64 ``(c, c)``.
 
@@ -243,7 +246,8 @@ def covariance_block(x: np.ndarray, *, device: torch.device, threads: int | None
     spike after it) would change with the thread count; the windows are dask tasks of their own, which keeps
     the cores busy.
     """
-    with torch_threads(1 if torch.device(device).type == "cpu" else threads):
+    device = resolve_device(device)  # "auto" is resolved here, on the machine that runs the block
+    with torch_threads(1 if device.type == "cpu" else threads):
         xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
         if blocks is None or len(blocks) == 1:
             return (xt.T @ xt).double().cpu().numpy()

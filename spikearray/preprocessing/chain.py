@@ -211,7 +211,7 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
                             "Settings(**ks4_dict).")
     check_sampling_rate(rec, settings)
     rec = scale_shift(rec, scale=settings.scale, shift=settings.shift)
-    dev = resolve_device(settings.device)
+    dev = settings.device  # a string: "auto" is resolved inside each block, where it runs
     threads = settings.torch_threads or default_torch_threads()
     sign = -1.0 if settings.invert_sign else 1.0
     hp_run, halo, hp_record = highpass_stage(rec, cutoff=float(settings.highpass_cutoff), order=3, device=dev,
@@ -253,7 +253,7 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
         y = hp_run(x, start, pad_left, pad_right, at_start, at_end)
         # the halo rows are trimmed by dask afterwards; skip referencing/whitening them
         core = y[pad_left:len(y) - pad_right]
-        if dev.type == "cpu":
+        if resolve_device(dev).type == "cpu":
             reference_whiten_inplace(core, w, blocks, median=do_car, threads=threads)
             return y
         if do_car:
