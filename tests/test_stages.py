@@ -7,14 +7,13 @@ import torch
 from spikearray._engine import ChunkInfo
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.splitmerge import bimodality_score, split_merge
-from spikearray.detection.detect import correlate_fft, fast_len
+from spikearray.detection.detect import correlate_fft
 from spikearray.matching.peel import _context, _match_block, low_rank, sparsify
 from spikearray.metrics.groundtruth import compare_to_truth
 from spikearray.metrics.refractory import ccg_metrics, correlogram, is_refractory
 
 
-def test_fast_len_and_fft_correlation_match_numpy():
-    assert fast_len(60427) == 60750 and fast_len(7) == 8 and fast_len(1000) == 1000
+def test_fft_correlation_matches_numpy():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 500)).astype(np.float32)
     w = rng.standard_normal((3, 21)).astype(np.float32)

@@ -25,29 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from scipy.fft import next_fast_len
 
 from .._compute import default_torch_threads, irfft, resolve_device, rfft, torch_threads
 from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
-from ..geometry import channel_distances, nearest_channels, positions
+from ..geometry import channel_distances, nearest_channels, positions, shanks
 from ..settings import Settings
 
-__all__ = ["detect", "correlate_fft", "fast_len"]
-
-
-def fast_len(n: int) -> int:
-    """Smallest 2^a·3^b·5^c ≥ n (FFT-friendly length)."""
-    best = 1 << (int(n - 1).bit_length())
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            q = p35
-            while q < n:
-                q *= 2
-            best = min(best, q)
-            p35 *= 3
-        p5 *= 5
-    return best
+__all__ = ["detect", "correlate_fft"]
 
 
 def correlate_fft(x: torch.Tensor, w: torch.Tensor, nt0: int) -> torch.Tensor:
@@ -62,7 +47,7 @@ def correlate_fft(x: torch.Tensor, w: torch.Tensor, nt0: int) -> torch.Tensor:
     """
     L = x.shape[-1]
     nt = w.shape[-1]
-    n = fast_len(L + nt)
+    n = next_fast_len(L + nt, real=True)  # 2^a·3^b·5^c: FFT-friendly
     # spikearray's rfft/irfft: the same bits whatever the torch thread count (a 1-row filter transform is
     # otherwise split across threads by MKL, and every score with it)
     X = rfft(x, n=n)
@@ -199,7 +184,7 @@ def detect(white: xr.DataArray, bases: xr.Dataset, settings: Settings | None = N
     """
     s = Settings.coerce(settings)
     pos = positions(white)
-    shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(len(pos), int)
+    shank = shanks(white)
     C = len(pos)
     nC = min(s.nearest_chans, C)
     sizes = [s.min_template_size * (i + 1) for i in range(s.template_sizes)]

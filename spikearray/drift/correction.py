@@ -22,6 +22,7 @@ import xarray as xr
 
 from .._compute import resolve_device
 from ..errors import DataError
+from ..geometry import shanks
 from .registration import depth_weights, time_weights
 
 __all__ = ["correct", "kriging_matrix"]
@@ -60,7 +61,7 @@ class _Mover:
         self.disp = np.asarray(drift["displacement"].values, np.float64)  # (T, B)
         self.cx = np.asarray(rec["x"].values, np.float64)
         self.cy = np.asarray(rec["y"].values, np.float64)
-        self.shank = np.asarray(rec["shank"].values) if "shank" in rec.coords else np.zeros(len(self.cx), int)
+        self.shank = shanks(rec)
         blk_shank = (np.asarray(drift["block_shank"].values) if "block_shank" in drift.coords
                      else np.zeros(self.disp.shape[1], int))
         centres = np.asarray(drift["depth"].values, np.float64)

@@ -26,30 +26,11 @@ import xarray as xr
 from .._compute import default_torch_threads, resolve_device, torch_threads
 from .._engine import ChunkInfo, as_dask, chunk_kernel, run_chunks
 from ..errors import DataError
+from ..geometry import neighbourhoods, shanks
 
-__all__ = ["detect_peaks", "neighbourhoods"]
+__all__ = ["detect_peaks"]
 
 _FIELDS = ("time", "channel", "depth", "x", "amplitude")
-
-
-def neighbourhoods(x: np.ndarray, y: np.ndarray, shank: np.ndarray, radius_um: float) -> np.ndarray:
-    """Channels within ``radius_um`` of each channel on the same shank, padded with the channel itself.
-
-    Returns
-    -------
-    ndarray of int64, shape (n_channels, k)
-        Row ``c`` lists ``c`` first, then its neighbours by distance; short rows repeat ``c``.
-    """
-    d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :])
-    d[shank[:, None] != shank[None, :]] = np.inf
-    within = d <= radius_um
-    k = int(within.sum(1).max())
-    out = np.empty((len(x), k), dtype=np.int64)
-    for c in range(len(x)):
-        idx = np.flatnonzero(within[c])
-        idx = idx[np.argsort(d[c, idx], kind="stable")]
-        out[c] = np.concatenate([idx, np.full(k - len(idx), c)])
-    return out
 
 
 def _detect_block(x: np.ndarray, *, start: int, core: tuple[int, int], neigh: np.ndarray, loc_neigh: np.ndarray,
@@ -137,7 +118,7 @@ def _peak_block(block: np.ndarray, info: ChunkInfo, ctx: _PeakContext) -> np.nda
 def _table(parts: list[np.ndarray], white: xr.DataArray) -> xr.Dataset:
     arr = np.concatenate(parts) if parts else np.zeros(0, dtype=[(f, "f4") for f in _FIELDS])
     fs = float(white.attrs["sampling_rate"])
-    shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(white.sizes["channel"], int)
+    shank = shanks(white)
     ds = xr.Dataset(
         {
             "spike_time": ("spike", arr["time"].astype(np.int64)),
@@ -200,10 +181,10 @@ def detect_peaks(white: xr.DataArray, *, threshold: float = 5.0, radius_um: floa
     fs = float(white.attrs["sampling_rate"])
     cx = np.asarray(white["x"].values, dtype=np.float64)
     cy = np.asarray(white["y"].values, dtype=np.float64)
-    shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(len(cx), int)
+    shank = shanks(white)
     ctx = _PeakContext(
-        device=str(device), threads=torch_threads_, neigh=neighbourhoods(cx, cy, shank, radius_um),
-        loc_neigh=neighbourhoods(cx, cy, shank, loc_radius_um), cx=cx, cy=cy, threshold=float(threshold),
+        device=str(device), threads=torch_threads_, neigh=neighbourhoods(cx, cy, radius_um=radius_um, shank=shank),
+        loc_neigh=neighbourhoods(cx, cy, radius_um=loc_radius_um, shank=shank), cx=cx, cy=cy, threshold=float(threshold),
         half=max(1, int(round(window_ms * 1e-3 * fs))), loc_half=max(0, int(round(loc_ms * 1e-3 * fs))),
         loc_sigma=float(loc_sigma_um), loc_iters=int(loc_iters),
     )

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from scipy.fft import next_fast_len
 
 from .._compute import default_torch_threads, irfft, resolve_device, rfft, torch_threads
 from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
 from ..errors import DataError
-from ..detection.detect import fast_len
-from ..geometry import nearest_channels, positions
+from ..geometry import nearest_channels, positions, shanks
 from ..settings import Settings
 
 __all__ = ["match", "low_rank"]
@@ -272,7 +272,7 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
         K = c["Ur"].shape[0]
         # B[k, t] = Σ_rows(k) (S_row · x) ⋆ T_row: per group of rows a product over its channel range only, the
         # rows' FFTs, and the sum over each template's rows in the frequency domain (K inverse FFTs)
-        n = fast_len(L + nt)
+        n = next_fast_len(L + nt, real=True)
         filt = _filter_spectrum(ctx, n, dev)
         Bf = torch.zeros((K, n // 2 + 1), dtype=filt.dtype, device=dev)
         for (r0, r1), chans, s_g in zip(ctx.row_ranges, c["group_channels"], c["S_groups"]):
@@ -401,7 +401,7 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     templates = np.asarray(templates.transpose("unit", "channel", "sample").values, dtype=np.float32)
     K, C, nt = templates.shape
     pos = positions(white)
-    shank = np.asarray(white["shank"].values) if "shank" in white.coords else np.zeros(C, int)
+    shank = shanks(white)
     nC = min(s.nearest_chans, C)
     rank = rank or s.n_pcs
     best = (templates.astype(np.float64) ** 2).sum(2).argmax(1) if K else np.zeros(0, int)
