@@ -141,3 +141,23 @@ def test_no_bar_without_progress(capfd):
     with show_progress(True):
         compute_tasks(tasks, desc="loud")
     assert _last_bars(capfd.readouterr().err)["loud"] == (3, 3)
+
+
+def test_device_auto_is_resolved_inside_the_tasks(monkeypatch):
+    """The context carries the settings' string; each task resolves it where it runs (a GPU worker uses its
+    GPU even when the driver has none), not the driver at graph-build time."""
+    import sys
+    import threading
+
+    det = sys.modules["spikearray.detection.detect"]  # the module (the package exports the function detect)
+
+    seen = []
+    real = det.resolve_device
+
+    def spy(device):
+        seen.append((device, threading.current_thread() is threading.main_thread()))
+        return real(device)
+
+    monkeypatch.setattr(det, "resolve_device", spy)
+    det.detect(_white(4), _bases(), sa.Settings())
+    assert len(seen) == 4 and all(device == "auto" and not in_main for device, in_main in seen)
