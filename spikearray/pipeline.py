@@ -146,9 +146,10 @@ def _preprocess(rec: xr.DataArray, *, run: Run) -> xr.Dataset:
     white, whitening = preprocess(rec, run.settings)
     path = write_int16(white, run.files / _INT16, scale=_SCALE)
     # the traces' attrs and name travel as real (nested) attrs; ``files`` lets the store check the copy
+    name = "" if white.name is None else str(white.name)
     return xr.Dataset({"whitening_matrix": whitening.variable}, coords=whitening.coords,
-                      attrs={"traces_attrs": dict(white.attrs), "traces_name": "" if white.name is None else str(white.name),
-                             "int16_scale": _SCALE, "files": {_INT16: int(path.stat().st_size)}})
+                      attrs={"traces_attrs": dict(white.attrs), "traces_name": name, "int16_scale": _SCALE,
+                             "files": {_INT16: int(path.stat().st_size)}})
 
 
 def _whitened(rec: xr.DataArray, preprocessed: xr.Dataset, *, run: Run) -> xr.DataArray:
@@ -228,7 +229,8 @@ STAGES: tuple[Stage, ...] = (
           "kriging interpolation of every channel by the displacement (`sig_interp`, saved with the drift)",
           "per chunk (lazy)"),
     Stage("bases", _bases, ("corrected",), "bases",
-          ("nt", "nt0min", "n_pcs", "n_templates", "Th_single_ch", "seed", "device"), True,
+          ("nt", "nt0min", "n_pcs", "n_templates", "Th_single_ch", "batch_size", "batch_downsampling", "seed",
+           "device"), True,
           "spikearray.detection.bases",
           "temporal PCs and prototype shapes from isolated single-channel peaks (Kilosort4's `wPCA`, `wTEMP`)",
           "sampled chunks", ends_without_spikes=True),

@@ -125,6 +125,13 @@ def test_batch_downsampling_thins_the_windows_of_the_global_estimates(small):
     assert not np.allclose(W1.values, W3.values)
 
 
+def test_batch_downsampling_thins_the_chunks_the_waveform_bases_are_learned_from(detected):
+    white, bases, _, s = detected  # 10 s in 2 s chunks, batch_size 1 s: chunks start in batches 0, 2, 4, 6, 8
+    thinned = learn_bases(white, s.replace(batch_downsampling=3))  # only batches 0 and 6: chunks 0 and 3
+    assert 0 < thinned.attrs["n_snippets"] < bases.attrs["n_snippets"]
+    assert not np.allclose(thinned["pc"].values, bases["pc"].values)
+
+
 # --- clustering: max_cluster_subset, cluster_init_seed, x_centers ------------------------------------------------
 
 def test_max_cluster_subset_bounds_the_spikes_clustered_per_group(detected):

@@ -83,11 +83,13 @@ def learn_bases(white: xr.DataArray, settings: Settings | None = None, *, max_sn
     white : xarray.DataArray (time, channel)
         Preprocessed (whitened) recording.
     settings : Settings
-        Uses ``nt``, ``nt0min``, ``n_pcs``, ``n_templates``, ``Th_single_ch``, ``seed``, ``device``.
+        Uses ``nt``, ``nt0min``, ``n_pcs``, ``n_templates``, ``Th_single_ch``, ``seed``, ``device``, and
+        ``batch_downsampling``/``batch_size``: with ``batch_downsampling = k`` only chunks starting in batches
+        ``0, k, 2k, ...`` (of ``batch_size`` samples) are sampled, as Kilosort4 uses only every k-th batch.
     max_snippets : int
         Cap on snippets used.
     n_chunks : int
-        Number of chunks sampled (evenly spaced).
+        Number of chunks sampled (evenly spaced among the candidates).
 
     Returns
     -------
@@ -103,7 +105,9 @@ def learn_bases(white: xr.DataArray, settings: Settings | None = None, *, max_sn
     s = Settings.coerce(settings)
     nt, nt0 = s.nt, s.nt0min_
     data = as_dask(white)
-    idx = sample_chunks(len(data.chunks[0]), n_chunks)
+    starts = np.concatenate([[0], np.cumsum(data.chunks[0])[:-1]]).astype(np.int64)
+    candidates = np.flatnonzero((starts // int(s.batch_size)) % int(s.batch_downsampling) == 0)
+    idx = candidates[sample_chunks(len(candidates), n_chunks)]
     ctx = _SnippetContext(device=s.device, threshold=float(s.Th_single_ch), nt=nt, nt0=nt0)
     snips = []
     # the sampled chunks in parallel; snippets taken in chunk order until max_snippets
