@@ -36,7 +36,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # dask's count (affinity and cgroup quota aware): the same one its threaded pool is sized by, so that
+    # cores // dask threads is 1 by default, also in a container whose CPU quota is below the host's cores
+    return max(1, int(CPU_COUNT))
 
 
 def _current_worker() -> Any:

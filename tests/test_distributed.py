@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 
 import numpy as np
@@ -69,10 +68,11 @@ def test_default_torch_threads_divides_the_cores_by_the_dask_threads():
     """Torch threads per dask thread = cores // dask threads; by default the dask threads are the threaded
     scheduler's pool (``num_workers``, else the cores), so one dask thread gets every core."""
     import dask
+    from dask.system import CPU_COUNT  # affinity and cgroup quota aware, as dask's threaded pool
 
     from spikearray._compute import dask_thread_count, default_torch_threads
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = CPU_COUNT
     assert default_torch_threads(1) == cores
     assert default_torch_threads(2 * cores) == 1
     with dask.config.set(num_workers=1):

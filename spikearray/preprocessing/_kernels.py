@@ -19,7 +19,7 @@ import numpy as np
 import scipy.signal
 import torch
 
-from .._compute import resolve_device, torch_threads
+from .._compute import irfft, resolve_device, rfft, torch_threads
 from ._cpu_kernels import median_subtract_block, sosfiltfilt_block
 
 __all__ = ["butter_sos", "highpass_halo", "highpass_block", "median_subtract", "whiten_block", "band_blocks",
@@ -124,9 +124,9 @@ def highpass_block(x: np.ndarray, gain: np.ndarray, *, order: int, cutoff: float
             xt = torch.as_tensor(np.ascontiguousarray(x), device=device).to(torch.float32)
             xt = xt * torch.as_tensor(gain, device=device)
             xt = xt - xt.mean(dim=0, keepdim=True)  # smaller numbers → smaller float32 FFT round-off
-            spec = torch.fft.rfft(xt, n=nfft, dim=0)
+            spec = rfft(xt, n=nfft, dim=0)  # thread-count independent, see _compute.rfft
             spec *= h2[:, None]
-            out = torch.fft.irfft(spec, n=nfft, dim=0)[:n].cpu().numpy()
+            out = irfft(spec, n=nfft, dim=0)[:n].cpu().numpy()
     else:
         raise ValueError(f"method={method!r}; expected 'auto', 'iir' or 'fft'.")
     return out[left:left + n_out]
