@@ -116,11 +116,10 @@ def channel_distances(pos: np.ndarray, shank: np.ndarray | None = None) -> np.nd
 
 
 def nearest_channels(pos: np.ndarray, n: int, shank: np.ndarray | None = None) -> np.ndarray:
-    """Indices ``(C, n)`` of each channel's ``n`` nearest channels (itself first), same shank preferred."""
-    d = channel_distances(pos, shank)
-    n = min(n, len(pos))
-    order = np.argsort(d + np.arange(len(pos))[None, :] * 1e-9, axis=1, kind="stable")
-    return order[:, :n]
+    """Indices ``(C, n)`` of each channel's ``n`` nearest channels (itself first, ties by channel order), same
+    shank preferred: :func:`neighbourhoods` with ``k=n`` for positions ``(C, 2)``."""
+    pos = np.asarray(pos, float)
+    return neighbourhoods(pos[:, 0], pos[:, 1], k=n, shank=shank)
 
 
 def vertical_pitch(pos: np.ndarray) -> float:
