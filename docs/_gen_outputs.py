@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the shared generator helpers, beside this file
+from _gen_common import main as gen_main, splice  # noqa: E402
+
 TARGET = HERE / "outputs.md"
 BEGIN = "<!-- BEGIN GENERATED: Sorting Dataset variables, by docs/_gen_outputs.py from spikearray.outputs.OUTPUTS -->"
 END = "<!-- END GENERATED: Sorting Dataset variables -->"
@@ -25,10 +28,10 @@ def _cell(text: str) -> str:
 
 
 def render() -> str:
-    """The generated section, markers included."""
+    """The generated section (between the marker lines)."""
     from spikearray.outputs import ATTRIBUTES, OUTPUTS, SECTIONS
 
-    out = [BEGIN, ""]
+    out = [""]
     for section, heading in SECTIONS.items():
         out += [f"### {heading}", "", "| name | dims | dtype | units | meaning |", "| --- | --- | --- | --- | --- |"]
         for v in OUTPUTS:
@@ -39,32 +42,15 @@ def render() -> str:
         out.append("")
     out += ["### Attributes (JSON types only)", "", "| name | type | meaning |", "| --- | --- | --- |"]
     out += [f"| `{k}` | {t} | {_cell(d)} |" for k, (t, d) in ATTRIBUTES.items()]
-    out += ["", END]
+    out += ["", ""]
     return "\n".join(out)
 
 
 def updated(text: str) -> str:
     """``text`` (the whole of docs/outputs.md) with its generated section replaced by :func:`render`."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{TARGET} must hold the two marker lines once each, in order:\n{BEGIN}\n{END}")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    return head + render() + tail
-
-
-def main(argv: list[str]) -> int:
-    text = TARGET.read_text(encoding="utf-8")
-    new = updated(text)
-    if "--check" in argv:
-        if new != text:
-            print(f"{TARGET} is stale; run: python docs/_gen_outputs.py", file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(new, encoding="utf-8")
-    print(f"wrote {TARGET}")
-    return 0
+    return splice(text, BEGIN, END, render(), TARGET)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))  # the checkout's spikearray, not an installed one
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(gen_main(TARGET, updated, sys.argv[1:], "docs/_gen_outputs.py"))

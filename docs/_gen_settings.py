@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the shared generator helpers, beside this file
+from _gen_common import main as gen_main  # noqa: E402
+
 TARGET = HERE / "settings.md"
 
 # Kilosort4 4.1.5 ``DEFAULT_SETTINGS`` keys, and the ``run_kilosort`` arguments spikearray accepts as settings.
@@ -101,18 +104,6 @@ def render() -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if not TARGET.exists() or TARGET.read_text(encoding="utf-8") != text:
-            print(f"{TARGET} is stale; run: python docs/_gen_settings.py", file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(text, encoding="utf-8")
-    print(f"wrote {TARGET}")
-    return 0
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))  # the checkout's spikearray, not an installed one
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(gen_main(TARGET, lambda _old: render(), sys.argv[1:], "docs/_gen_settings.py"))
