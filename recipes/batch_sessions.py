@@ -22,7 +22,7 @@ import sys
 from typing import Sequence
 
 from spikearray.errors import SpikearrayError
-from spikearray.recipes import find_sessions, format_summary, run_sessions, settings_from_json, write_summary
+from spikearray.recipes import find_sessions, format_results, run_sessions, settings_from_json, write_summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results = run_sessions(sessions, report=args.report, progress=args.progress)
     print()
-    print(format_summary(results))
+    print(format_results(results))
     print(f"summary written to {write_summary(results, f'{args.out}/summary.tsv')}")
     return 1 if any(r.status == "error" for r in results) else 0
 

@@ -248,7 +248,7 @@ def _configure_report(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_recipe(args: argparse.Namespace) -> int:
-    from .recipes import format_summary, load_recipe, run_sessions, write_summary
+    from .recipes import format_results, load_recipe, run_sessions, write_summary
 
     recipe = load_recipe(args.file)
     if args.check:
@@ -258,7 +258,7 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
         return 0
     results = run_sessions(recipe.sessions, report=recipe.report, progress=args.progress)
     print()
-    print(format_summary(results))
+    print(format_results(results))
     root = recipe.output_root or recipe.sessions[0].out.parent
     print(f"summary written to {write_summary(results, root / 'summary.tsv')}")
     return 1 if any(r.status == "error" for r in results) else 0

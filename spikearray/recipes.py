@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .errors import SpikearrayError
 
 __all__ = ["RecipeError", "Session", "SessionResult", "Recipe", "find_sessions", "session_name", "load_recipe",
-           "run_sessions", "format_summary", "write_summary", "SUMMARY_COLUMNS"]
+           "run_sessions", "format_results", "write_summary", "SUMMARY_COLUMNS"]
 
 #: Columns of the summary table and of ``summary.tsv``.
 SUMMARY_COLUMNS = ("session", "status", "units", "good", "spikes", "seconds", "error")
@@ -302,25 +302,19 @@ def run_sessions(sessions: Iterable[Session], *, report: bool = False, progress:
     return results
 
 
-def format_summary(results: Sequence[SessionResult]) -> str:
-    """A plain-text table, one row per session, plus a totals line."""
-    rows = [r.row() for r in results]
-    widths = {c: max([len(c)] + [len(row[c]) for row in rows]) for c in SUMMARY_COLUMNS}
-    widths["error"] = min(widths["error"], 100)
+def format_results(results: Sequence[SessionResult]) -> str:
+    """A plain-text table, one row per session (:data:`SUMMARY_COLUMNS`; errors cut at 100 characters), plus a
+    totals line. (Named apart from :func:`spikearray.format_summary`, which describes a recording or a sorting;
+    both print through :func:`spikearray.io.summary.text_table`.)"""
+    from .io.summary import text_table
 
-    def line(row: dict[str, str]) -> str:
-        cells = []
-        for c in SUMMARY_COLUMNS:
-            v = row[c] if c != "error" or len(row[c]) <= 100 else row[c][:97] + "..."
-            cells.append(v.rjust(widths[c]) if c in ("units", "good", "spikes", "seconds") else v.ljust(widths[c]))
-        return "  ".join(cells).rstrip()
-
-    out = [line({c: c for c in SUMMARY_COLUMNS}), line({c: "-" * widths[c] for c in SUMMARY_COLUMNS})]
-    out += [line(row) for row in rows]
+    rows = [[r.row()[c] for c in SUMMARY_COLUMNS] for r in results]
+    numeric = [i for i, c in enumerate(SUMMARY_COLUMNS) if c in ("units", "good", "spikes", "seconds")]
+    table = text_table(rows, header=SUMMARY_COLUMNS, right=numeric,
+                       max_chars={SUMMARY_COLUMNS.index("error"): 100})
     n = {k: sum(r.status == k for r in results) for k in ("ok", "skipped", "error")}
-    out.append(f"{len(results)} sessions: {n['ok']} sorted, {n['skipped']} skipped (already complete), "
-               f"{n['error']} failed")
-    return "\n".join(out)
+    return (f"{table}\n{len(results)} sessions: {n['ok']} sorted, {n['skipped']} skipped (already complete), "
+            f"{n['error']} failed")
 
 
 def write_summary(results: Sequence[SessionResult], path: str | os.PathLike) -> Path:

@@ -6,14 +6,14 @@ same for a sorting); :func:`format_summary` turns either into aligned ``label  v
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
 
 from ..geometry import uV_gains
 
-__all__ = ["summary", "format_summary"]
+__all__ = ["summary", "format_summary", "text_table"]
 
 
 def summary(rec: xr.DataArray) -> dict[str, Any]:
@@ -70,10 +70,47 @@ def _duration(s: float) -> str:
     return f"{s:.3f} s"
 
 
+def text_table(rows: Sequence[Sequence[str]], *, header: Sequence[str] | None = None, right: Iterable[int] = (),
+               max_chars: Mapping[int, int] | None = None) -> str:
+    """Plain-text table: columns two spaces apart, each as wide as its widest cell, trailing spaces stripped.
+
+    The one formatter behind the recording, sorting and recipe summaries.
+
+    Parameters
+    ----------
+    rows : sequence of sequences of str
+    header : sequence of str, optional
+        Column names, printed above a line of dashes.
+    right : iterable of int
+        Columns right-justified (numbers); the others are left-justified.
+    max_chars : dict, optional
+        Column → longest cell; longer cells end in ``...``.
+
+    Examples
+    --------
+    >>> print(text_table([["a", "1"], ["bcd", "22"]], header=["name", "n"], right=[1]))
+    name   n
+    ----  --
+    a      1
+    bcd   22
+    """
+    limit = dict(max_chars or {})
+    cut = [[c if i not in limit or len(c) <= limit[i] else c[:limit[i] - 3] + "..." for i, c in enumerate(r)]
+           for r in rows]
+    lines = ([list(header)] if header is not None else []) + cut
+    if not lines:
+        return ""
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    if header is not None:
+        lines.insert(1, ["-" * w for w in widths])
+    right = set(right)
+    return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     .rstrip() for r in lines)
+
+
 def _lines(rows: list[tuple[str, str]]) -> str:
     """``label  value`` lines, the values aligned two spaces after the longest label (an empty value: the label)."""
-    width = max(len(k) for k, _ in rows) + 2
-    return "\n".join(f"{k.ljust(width)}{v}".rstrip() for k, v in rows)
+    return text_table(rows)
 
 
 def format_summary(obj: xr.DataArray | xr.Dataset, path: str = "") -> str:
