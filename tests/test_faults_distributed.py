@@ -21,7 +21,7 @@ from spikearray.synthetic import generate_recording, write_spikeglx
 
 distributed = pytest.importorskip("distributed")
 
-_SETTINGS = {"nblocks": 1, "chunk_seconds": 0.25}  # 24 chunks: each stage is many short tasks
+_SETTINGS = {"nblocks": 1, "chunk_seconds": 0.2}  # 30 chunks: each stage is many short tasks
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ class _Killer(threading.Thread):
     """Watches the scheduler; for each stage in turn, once ``after`` of its chunk tasks have finished and at
     least two are left, SIGKILLs (by pid) a worker process that is running one of them."""
 
-    def __init__(self, address: str, stages: tuple[str, ...], after: int = 2, timeout: float = 240.0) -> None:
+    def __init__(self, address: str, stages: tuple[str, ...], after: int = 1, timeout: float = 240.0) -> None:
         super().__init__(daemon=True)
         self.client = distributed.Client(address, set_as_default=False, timeout=30)
         self.stages, self.after, self.timeout = stages, after, timeout
@@ -71,7 +71,7 @@ class _Killer(threading.Thread):
                         os.kill(pid, signal.SIGKILL)
                         self.kills.append({"stage": stage, "pid": pid, "done": done, "left": left})
                         break
-                    time.sleep(0.02)
+                    time.sleep(0.01)
         except BaseException as e:  # reported by the test, not lost in the thread
             self.error = e
         finally:
@@ -98,7 +98,7 @@ def test_sort_survives_workers_killed_during_detection_and_matching(recording):
         after = set(client.run(os.getpid).values())
     # both kills happened inside their stage, with work still to do there
     assert [k["stage"] for k in killer.kills] == ["detect", "match"], killer.kills
-    assert all(k["done"] >= 2 and k["left"] >= 2 for k in killer.kills), killer.kills
+    assert all(k["done"] >= 1 and k["left"] >= 2 for k in killer.kills), killer.kills
     killed = {k["pid"] for k in killer.kills}
     # the first victim was an original worker; no killed process is among the workers after the sort
     assert killer.kills[0]["pid"] in before and not killed & after and len(after) == 2
