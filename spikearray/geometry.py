@@ -33,20 +33,21 @@ def shanks(obj: xr.DataArray | xr.Dataset) -> np.ndarray:
     return np.zeros(obj.sizes["channel"], np.int64)
 
 
-def uV_gains(rec: xr.DataArray) -> np.ndarray:
-    """Per-channel factor (float32, shape ``(n_channels,)``) that turns the stored samples into µV.
+def uV_gains(rec: xr.DataArray, dtype: type = np.float32) -> np.ndarray:
+    """Per-channel factor (shape ``(n_channels,)``, float32 unless ``dtype`` says otherwise) that turns the stored
+    samples into µV.
 
     Recordings in ``"counts"`` are scaled by the ``gain_to_uV`` coordinate (or attr, a number or one per
-    channel); recordings already in µV (or whitened units) get 1.
+    channel); recordings already in µV (or whitened units) get 1. The stages multiply float32 blocks; file
+    metadata (NWB's ``conversion``) asks for float64.
     """
     if rec.attrs.get("units") in _SCALED_UNITS:
-        return np.ones(rec.sizes["channel"], dtype=np.float32)
+        return np.ones(rec.sizes["channel"], dtype=dtype)
     if "gain_to_uV" in rec.coords:
-        g = np.asarray(rec["gain_to_uV"].values, dtype=np.float32)
+        g = np.asarray(rec["gain_to_uV"].values, dtype=dtype)
     else:
-        g = np.broadcast_to(np.asarray(rec.attrs.get("gain_to_uV", 1.0), dtype=np.float32),
-                            (rec.sizes["channel"],))
-    return np.ascontiguousarray(g, dtype=np.float32)
+        g = np.broadcast_to(np.asarray(rec.attrs.get("gain_to_uV", 1.0), dtype=dtype), (rec.sizes["channel"],))
+    return np.ascontiguousarray(g, dtype=dtype)
 
 
 def neighbourhoods(x: np.ndarray, y: np.ndarray, *, k: int | None = None, radius_um: float | None = None,

@@ -35,6 +35,7 @@ import xarray as xr
 
 from .._version import __version__
 from ..errors import MetadataError, OutputError, OutputExistsError
+from ..geometry import uV_gains
 from ._extras import require
 
 __all__ = ["export_nwb", "NWB_UNIT_COLUMNS"]
@@ -120,11 +121,9 @@ def _subject(subject: Any, pynwb: Any) -> Any:
 
 def _channel_gains(sorting: xr.Dataset, recording: xr.DataArray | None) -> np.ndarray:
     C = sorting.sizes["channel"]
-    if recording is not None and "gain_to_uV" in recording.coords:
+    if recording is not None:
         pos = {int(c): i for i, c in enumerate(recording["channel"].values)}
-        g = np.asarray(recording["gain_to_uV"].values, np.float64)
-        if recording.attrs.get("units") == "uV":
-            g = np.ones_like(g)
+        g = uV_gains(recording, np.float64)
         return np.array([g[pos[int(c)]] for c in sorting["channel"].values])
     g = np.asarray(sorting.attrs.get("gain_to_uV", 1.0), np.float64)
     return np.broadcast_to(g, (C,)).astype(np.float64) if g.ndim == 0 or g.size != C else g
