@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import OutputError, OutputExistsError, RecordingError
+from ..geometry import uV_gains
 from ._extras import require
 
 __all__ = ["to_sorting_analyzer", "to_spikeinterface_recording", "unit_sparsity"]
@@ -140,8 +141,7 @@ def to_spikeinterface_recording(recording: xr.DataArray, channels: np.ndarray | 
     idx = np.array([pos[int(c)] for c in chans])
     a = recording.attrs
     fs = float(a["sampling_rate"])
-    in_uV = a.get("units") == "uV"
-    gains = np.ones(len(chans)) if in_uV else np.asarray(recording["gain_to_uV"].values, np.float64)[idx]
+    gains = uV_gains(recording, np.float64)[idx]
     src = Path(str(a.get("source", "")))
     if a.get("format") in ("spikeglx", "raw") and src.is_file():
         n_file = int(a["n_file_channels"])
