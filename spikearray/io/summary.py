@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from ..geometry import uV_gains
+from ..geometry import shanks, uV_gains
 
 __all__ = ["summary", "format_summary", "text_table"]
 
@@ -40,7 +40,7 @@ def summary(rec: xr.DataArray) -> dict[str, Any]:
         "format": rec.attrs.get("format", ""),
         "probe": rec.attrs.get("probe", ""),
         "n_channels": int(rec.sizes["channel"]),
-        "n_shanks": int(len(np.unique(rec["shank"].values))) if "shank" in rec.coords else 1,
+        "n_shanks": int(len(np.unique(shanks(rec)))),
         "sampling_rate": fs,
         "n_samples": n,
         "duration_s": n / fs,
