@@ -77,7 +77,8 @@ PARAMETERS: tuple[Param, ...] = (
     Param("tmax", math.inf, _NUM, "recording", "s", "end of the sorted time range", 0),
     Param("shift", None, _NUM, "recording", "file units",
           "if set, samples = samples*scale + shift in the file's own units (before the µV gain), before anything "
-          "else; the high-pass removes a constant shift, so it matters only together with scale"),
+          "else; the high-pass removes a constant offset again (as in Kilosort4), so of the two only scale can "
+          "change the sorting"),
     Param("scale", None, _NUM, "recording", "-",
           "if set, samples = samples*scale (+ shift) before anything else, e.g. to bring float data in volts to "
           "the ~±100 range; the µV gain is applied after it"),
