@@ -76,6 +76,10 @@ def test_scale_and_shift_change_the_samples_before_anything_else(small):
     assert scale_shift(small) is small
     white, _ = preprocess(small, sa.Settings(scale=0.5, shift=3.0, batch_size=BATCH, device="cpu"))
     assert {"stage": "scale_shift", "scale": 0.5, "shift": 3.0} in white.attrs["stages"]
+    # as in Kilosort4, the high-pass removes a constant offset again: shift alone leaves the whitened traces
+    plain = preprocess(small, sa.Settings(batch_size=BATCH, device="cpu"))[0].values
+    shifted = preprocess(small, sa.Settings(shift=300.0, batch_size=BATCH, device="cpu"))[0].values
+    np.testing.assert_allclose(shifted, plain, atol=2e-3)
 
 
 def test_scale_changes_what_the_artifact_test_sees(with_artifact):
