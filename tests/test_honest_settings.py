@@ -148,6 +148,9 @@ def test_max_cluster_subset_bounds_the_spikes_clustered_per_group(detected):
     assert (capped.spike_cluster.values >= 0).sum() >= 0.95 * (full.spike_cluster.values >= 0).sum()
     assert abs(capped.sizes["template"] - full.sizes["template"]) <= 2
     assert subsample(10, 4).tolist() == [0, 3, 6, 9] and subsample(3, None).tolist() == [0, 1, 2]
+    # Kilosort4's None (no cap) is accepted and clusters every spike, as the default does on this recording
+    unlimited = cluster_spikes(spikes, bases, white, s.replace(max_cluster_subset=None))
+    np.testing.assert_array_equal(unlimited.spike_cluster.values, full.spike_cluster.values)
 
 
 def test_cluster_init_seed_changes_the_initialisation_and_results_stay_valid(detected):
