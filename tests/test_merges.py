@@ -98,3 +98,42 @@ def test_mean_waveforms_recover_planted_waveforms_and_materialize_round_trips(tm
     back = materialize(white, tmp_path / "copy.int16")
     np.testing.assert_allclose(back.values, x, atol=0.5 / 200 + 1e-6)
     assert back.chunks == white.chunks and not list(tmp_path.glob("*.partial"))
+
+
+def _masked_pair(rng, rate_a=3.0, rate_b=8.0, dur=100.0, gap_ms=1.5):
+    """Two independent neurons whose spikes never fall within ``gap_ms`` of each other: what matching pursuit
+    leaves of two overlapping units (it fits one of two templates that arrive together)."""
+    a, b = _train(rng, rate_a, dur), _train(rng, rate_b, dur)
+    gap = int(gap_ms * 1e-3 * FS)
+    i = np.clip(np.searchsorted(a, b), 1, len(a) - 1)
+    near = np.minimum(np.abs(a[i] - b), np.abs(a[i - 1] - b)) <= gap
+    return a, b[~near]
+
+
+def test_merges_keep_apart_two_neurons_of_very_different_size_whose_ccg_is_masked():
+    rng = np.random.default_rng(5)
+    for fn, rates in ((ccg_merge, (5.0, 10.0)), (absorb_fragments, (2.0, 12.0))):
+        a, b = _masked_pair(rng, *rates, gap_ms=2.0)
+        t = np.r_[a, b]
+        u = np.r_[np.zeros(len(a), np.int64), np.ones(len(b), np.int64)]
+        kw = {"ccg_threshold": 0.25} if fn is ccg_merge else {}
+        T = _templates(rng, 2)
+        # with templates of equal size the refractory-looking CCG is all a merge has to go on: merged
+        _, _, parent = fn(t, u, T, sampling_rate=FS, acg_threshold=0.2, **kw)
+        assert parent[0] == parent[1], fn.__name__
+        T[0] *= 4.0  # a 4x larger unit of the same shape (the dense set: 251 uV beside 43 uV): kept apart
+        _, uu, parent = fn(t, u, T, sampling_rate=FS, acg_threshold=0.2, **kw)
+        assert parent[0] != parent[1] and len(np.unique(uu)) == 2, fn.__name__
+
+
+def test_redundant_units_drops_the_weaker_template_of_a_coinciding_pair():
+    rng = np.random.default_rng(6)
+    big = _train(rng, 2, 60)  # a large unit firing rarely
+    small = np.sort(np.r_[big[::2] + 3, _train(rng, 6, 60)])  # a weak template that catches its residuals too
+    t = np.r_[big, small]
+    u = np.r_[np.zeros(len(big), np.int64), np.ones(len(small), np.int64)]
+    # by spike count alone the rare large unit looks like the catcher
+    assert redundant_units(t, u, 2, delta=12, max_fraction=0.4).tolist() == [True, False]
+    norms = np.array([40.0, 10.0])
+    assert redundant_units(t, u, 2, delta=12, max_fraction=0.4, norms=norms).tolist() == [False, False]
+    assert redundant_units(t, u, 2, delta=12, max_fraction=0.4, norms=norms[::-1]).tolist() == [True, False]
