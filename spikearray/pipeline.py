@@ -197,6 +197,12 @@ def _match(corrected: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, 
     return match(corrected, templates, bases, run.settings)
 
 
+def _recluster(matched: xr.Dataset, corrected: xr.DataArray, *, run: Run) -> xr.Dataset:
+    from .clustering.final import split_matched
+
+    return split_matched(matched, corrected, run.settings)
+
+
 def _merge(matched: xr.Dataset, recording: xr.DataArray, corrected: xr.DataArray, preprocessed: xr.Dataset,
            drift: xr.Dataset, *, run: Run) -> xr.Dataset:
     from .metrics.sorting import build_sorting
@@ -246,7 +252,12 @@ STAGES: tuple[Stage, ...] = (
           _group("matching") + ("nt", "nt0min", "nearest_chans", "n_pcs", "device", "torch_threads"), True,
           "spikearray.matching", "matching pursuit with the learned templates, thresholded at `Th_learned`",
           "per chunk"),
-    Stage("merge+metrics", _merge, ("matched", "recording", "corrected", "preprocessed", "drift"), "sorting",
+    Stage("recluster", _recluster, ("matched", "corrected"), "reclustered",
+          ("seed", "cluster_init_seed", "nt", "nt0min", "acg_threshold"), False, "spikearray.clustering.final",
+          "each template's matched spikes split along their own PCs while the halves are bimodal (Kilosort4's "
+          "final clustering, on one template at a time); the pieces' templates read back from the data",
+          "per template; sampled chunks"),
+    Stage("merge+metrics", _merge, ("reclustered", "recording", "corrected", "preprocessed", "drift"), "sorting",
           _group("merging", "metrics") + ("batch_size", "nearest_chans"), False,
           "spikearray.clustering.merge, spikearray.metrics",
           "merges, duplicate removal, µV templates and amplitudes, positions, contamination, labels",

@@ -97,7 +97,8 @@ def test_a_cached_stage_is_reused_unless_a_setting_it_reads_changes(sorted_sessi
     # everything that takes its spikes is recomputed
     changed = s.replace(Th_universal=7.0)
     a, b = stage_hashes(s, None), stage_hashes(changed, None)
-    assert [st.name for st in STAGES if a[st.name] != b[st.name]] == ["detect", "cluster", "match", "merge+metrics"]
+    assert [st.name for st in STAGES if a[st.name] != b[st.name]] == ["detect", "cluster", "match", "recluster",
+                                                                       "merge+metrics"]
     again = sa.sort(rec, changed, output=out, progress=False)
     assert json.loads(again.attrs["stages_skipped"]) == ["preprocess", "drift", "bases"]
     assert again.sizes["unit"] > 0  # (tests/test_resume.py checks a resumed run equals an uninterrupted one)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-__all__ = ["split_merge", "kmeans", "bimodality_score"]
+__all__ = ["split_merge", "split_population", "kmeans", "bimodality_score"]
 
 
 def kmeans(X: np.ndarray, k: int, seed: int, iters: int = 40) -> np.ndarray:
@@ -118,6 +118,16 @@ def _split(X_full: np.ndarray, idx: np.ndarray, seed: int, n_dims: int, min_size
         return [idx]
     return (_split(X_full, idx[a], seed, n_dims, min_size, split_above, depth + 1)
             + _split(X_full, idx[b], seed, n_dims, min_size, split_above, depth + 1))
+
+
+def split_population(X: np.ndarray, *, seed: int = 0, n_dims: int = 10, min_size: int = 20,
+                     split_above: float = 0.75) -> list[np.ndarray]:
+    """Row indices of the pieces of ``X`` (n, D) after recursive bimodal splitting (one piece: no split).
+
+    Each split is a seeded 2-means on the subset's own top ``n_dims`` principal components, kept when the
+    halves' bimodality score is at least ``split_above`` and both have ``min_size`` rows (depth ≤ 6).
+    """
+    return _split(np.asarray(X, np.float64), np.arange(len(X)), seed, n_dims, min_size, split_above)
 
 
 def split_merge(X_full: np.ndarray, *, n_dims: int = 10, seed: int = 0, k_init: int | None = None,

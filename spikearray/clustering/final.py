@@ -1,0 +1,135 @@
+"""Final clustering: split each matched template's spikes where they hold more than one unit.
+
+The first clustering works on detected spikes grouped by depth; where units crowd (the dense 128-channel
+paper set has units 5 µm apart), two neighbours with similar waveforms can end up in one cluster, hence
+one template, and matching then gives both units' spikes to it. Kilosort4 re-clusters the matched spikes
+on their PC features for the same reason (its "final clustering", kilosort4.md §2.6, template mode). We
+keep the first clustering's templates and only test each template's own spikes: the features of a matched
+spike (residual plus its fitted template, on the template's ``nearest_chans`` channels) are split
+recursively along their own principal components while the two halves are bimodal
+(:func:`~spikearray.clustering.splitmerge.split_population`), the same test the first clustering uses.
+The pieces' templates are read back from the data; the merges that follow (refractory cross-correlograms,
+fragments, residual catchers) undo splits of one neuron.
+
+Measured on the dense paper set (seed 2205, 128 channels, 250 units): 149 → 163 well-detected units (144 before
+this and the size-aware merges of :mod:`~spikearray.clustering.merge`); GT-A/GT-B: docs/sorter.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from ..settings import Settings
+from ..metrics.refractory import is_refractory
+from .cluster import clustering_seed, dedup_templates
+from .splitmerge import split_population
+from .templates import mean_waveforms
+
+__all__ = ["split_matched"]
+
+
+def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings | None = None, *,
+                  min_spikes: int = 30, split_above: float = 0.75, n_dims: int = 10) -> xr.Dataset:
+    """Split matched templates whose spikes form more than one cluster in feature space.
+
+    Parameters
+    ----------
+    matched : xarray.Dataset
+        From :func:`spikearray.matching.match`: ``spike_template`` (spike), ``spike_features``
+        (spike, nearest, pc), ``spike_scale`` (spike), ``template_mean`` (template, channel, sample, whitened),
+        ``template_channels`` (template, nearest), ``template_count`` (template).
+    white : xarray.DataArray (time, channel)
+        The whitened recording the templates were matched on (for the pieces' mean waveforms).
+    settings : Settings
+        Uses ``seed`` and ``cluster_init_seed`` (the clustering seed), ``nt``, ``nt0min``, ``acg_threshold``.
+    min_spikes : int
+        Each piece keeps at least this many spikes; templates with fewer than twice this are not tested.
+    split_above : float
+        Bimodality score (0–1) a split needs, as in the first clustering.
+    n_dims : int
+        Principal components of the features used per split.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``matched`` with new templates appended for the pieces (a piece keeps its parent's channels),
+        ``spike_template`` relabelled, ``spike_scale`` re-expressed relative to the piece's template, and
+        ``template_mean``/``template_count`` recomputed for every template that was split. Attr
+        ``n_split`` counts the templates split.
+
+    Examples
+    --------
+    >>> matched = split_matched(matched, white, settings)  # doctest: +SKIP
+    """
+    s = Settings.coerce(settings)
+    k = matched["spike_template"].values.astype(np.int64).copy()
+    feat = matched["spike_features"].values
+    scale = matched["spike_scale"].values.astype(np.float32).copy()
+    tmean = matched["template_mean"].values
+    tchan = matched["template_channels"].values
+    K = len(tmean)
+    parent_of_new: list[int] = []
+    split_ids: list[int] = []
+    for j in range(K):
+        idx = np.flatnonzero(k == j)
+        if len(idx) < 2 * min_spikes:
+            continue
+        X = feat[idx].reshape(len(idx), -1).astype(np.float64)
+        parts = split_population(X, seed=clustering_seed(s), n_dims=n_dims, min_size=min_spikes,
+                                 split_above=split_above)
+        if len(parts) < 2:
+            continue
+        split_ids.append(j)
+        for p in parts[1:]:
+            k[idx[p]] = K + len(parent_of_new)
+            parent_of_new.append(j)
+    if not split_ids:
+        out = matched.copy()
+        out.attrs = dict(matched.attrs, n_split=0)
+        return out
+    Kn = K + len(parent_of_new)
+    family = np.array(split_ids + list(range(K, Kn)))
+    # read back the pieces' (and the parents' remaining) mean waveforms; others keep the matched means
+    lab = np.full(len(k), -1, np.int64)
+    pos = {int(f): i for i, f in enumerate(family)}
+    in_fam = np.isin(k, family)
+    lab[in_fam] = [pos[int(v)] for v in k[in_fam]]
+    times = matched["spike_time"].values
+    fs = float(white.attrs["sampling_rate"])
+    means, counts = mean_waveforms(white, times, lab, len(family), nt=s.nt, nt0=s.nt0min_)
+    parents = np.array(split_ids + parent_of_new)
+    new_mean = np.concatenate([tmean, np.zeros((Kn - K,) + tmean.shape[1:], tmean.dtype)])
+    for i, f in enumerate(family):
+        # a piece too rare in the sampled chunks keeps its parent's mean
+        new_mean[f] = means[i] if counts[i] >= min(20, min_spikes) else tmean[parents[i]]
+    # pieces whose read-back means are the same waveform are one unit after all (the first clustering's
+    # de-duplication rule, Kilosort4's: similarity >= 0.9 and norms within 20 %). On GT-A a unit's spikes
+    # split 296/86 into two pieces of equal norm, too few spikes for the refractory merge to decide.
+    for j in split_ids:
+        members = [j] + [K + i for i, p in enumerate(parent_of_new) if p == j]
+        # compared on the parent's own channels: a piece's mean from a few dozen sampled spikes carries enough
+        # noise on the probe's far channels to pull a whole-probe similarity of one waveform below 0.9
+        local = new_mean[members][:, tchan[j], :]
+        rep = dedup_templates(local, np.array([np.sum(k == f) for f in members]), max_lag=new_mean.shape[2] // 2)
+        for a, r in enumerate(rep):
+            # ... and only when their union keeps the refractory period, as one neuron's spikes do
+            if r != a and is_refractory(np.sort(times[(k == members[a]) | (k == members[r])]) / fs,
+                                        s.acg_threshold)[0]:
+                k[k == members[a]] = members[r]
+    # spike_scale was fitted against the parent template: express it against the piece's own
+    for i, f in enumerate(family):
+        a, b = tmean[parents[i]].ravel(), new_mean[f].ravel()
+        nb = float(b @ b)
+        if nb > 0:
+            scale[k == f] *= np.float32(float(a @ b) / nb)
+    new_chan = np.concatenate([tchan, tchan[np.asarray(parent_of_new, np.int64)]])
+    out = matched.drop_vars(["template_mean", "template_channels", "template_count"]).assign(
+        spike_template=("spike", k),
+        spike_scale=("spike", scale),
+        template_mean=(matched["template_mean"].dims, new_mean.astype(np.float32)),
+        template_channels=(matched["template_channels"].dims, new_chan),
+        template_count=(matched["template_count"].dims, np.bincount(k, minlength=Kn).astype(np.int64)),
+    )
+    out.attrs = dict(matched.attrs, n_split=len(split_ids))
+    return out

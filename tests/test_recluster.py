@@ -1,0 +1,72 @@
+"""The final clustering (split_matched): one template holding two units is split, one unit stays whole."""
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from spikearray.clustering.final import split_matched
+from spikearray.settings import Settings
+
+FS = 30000.0
+C, NT, NT0 = 8, 61, 20
+
+
+def _unit_waveform(peak_channel: int, width: float) -> np.ndarray:
+    t = np.arange(NT) - NT0
+    shape = -np.exp(-0.5 * (t / width) ** 2) + 0.35 * np.exp(-0.5 * ((t - 3 * width) / (2 * width)) ** 2)
+    space = np.exp(-0.5 * ((np.arange(C) - peak_channel) / 1.5) ** 2)
+    return (8.0 * space[:, None] * shape[None, :]).astype(np.float32)  # (C, nt), whitened SD units
+
+
+def _matched(units: list[np.ndarray], n_per_unit: int, seed: int = 0):
+    """A whitened recording with the units planted, and a 'matched' Dataset that gives all spikes to template 0."""
+    rng = np.random.default_rng(seed)
+    n = int(20 * FS)
+    x = (0.3 * rng.standard_normal((n, C))).astype(np.float32)
+    slots = rng.choice(np.arange(200, n - 200, 150), n_per_unit * len(units), replace=False)
+    times = np.sort(slots)
+    truth = rng.permutation(np.repeat(np.arange(len(units)), n_per_unit))
+    for t, u in zip(times, truth):
+        x[t - NT0:t - NT0 + NT] += units[u].T * rng.uniform(0.9, 1.1)
+    white = xr.DataArray(da.from_array(x, chunks=(int(2 * FS), C)), dims=("time", "channel"),
+                         coords={"channel": np.arange(C)}, attrs={"sampling_rate": FS})
+    # features as matching computes them: the spike's window on the template's channels, on temporal PCs
+    stack = np.concatenate([w for w in units])  # (len(units) * C, nt)
+    pcs = np.linalg.svd(stack, full_matrices=False)[2][:3]  # (P, nt)
+    win = x[times[:, None] - NT0 + np.arange(NT)[None, :]]  # (n, nt, C)
+    feat = np.einsum("ntc,pt->ncp", win, pcs).astype(np.float32)  # (n, nearest=C, P)
+    mean = np.mean(units, axis=0)[None]
+    matched = xr.Dataset({
+        "spike_time": ("spike", times.astype(np.int64)),
+        "spike_template": ("spike", np.zeros(len(times), np.int64)),
+        "spike_scale": ("spike", np.ones(len(times), np.float32)),
+        "spike_features": (("spike", "nearest", "pc"), feat),
+        "template_mean": (("template", "channel", "sample"), mean.astype(np.float32)),
+        "template_channels": (("template", "nearest"), np.arange(C)[None]),
+        "template_count": ("template", np.array([len(times)])),
+    })
+    return matched, white, truth
+
+
+def test_a_template_holding_two_units_is_split_into_pure_pieces_with_their_own_waveforms():
+    wa, wb = _unit_waveform(2, 2.0), _unit_waveform(5, 3.5)
+    matched, white, truth = _matched([wa, wb], 300)
+    out = split_matched(matched, white, Settings(), min_spikes=30)
+    lab = out["spike_template"].values
+    used = np.unique(lab)
+    assert len(used) == 2
+    for u, w in ((0, wa), (1, wb)):
+        piece = np.bincount(lab[truth == u]).argmax()
+        assert np.mean(lab[truth == u] == piece) > 0.97  # each unit in one piece ...
+        assert np.mean(truth[lab == piece] == u) > 0.97  # ... and each piece one unit
+        # the piece's template is read back from the data: the planted waveform, within the noise of its mean
+        np.testing.assert_allclose(out["template_mean"].values[piece], w, atol=0.15)
+    assert out["template_count"].values[used].tolist() == np.bincount(lab)[used].tolist()
+    assert out["template_channels"].shape == (out.sizes["template"], C)
+
+
+def test_one_unit_stays_one_template():
+    matched, white, _ = _matched([_unit_waveform(3, 2.5)], 600, seed=1)
+    out = split_matched(matched, white, Settings(), min_spikes=30)
+    assert np.unique(out["spike_template"].values).tolist() == [0]
+    np.testing.assert_array_equal(out["spike_time"].values, matched["spike_time"].values)
