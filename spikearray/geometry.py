@@ -60,8 +60,8 @@ def neighbourhoods(x: np.ndarray, y: np.ndarray, *, k: int | None = None, radius
     x, y : ndarray (C,)
         Positions, µm.
     k : int, optional
-        The ``k`` nearest usable channels (clipped to their count), the channel itself first; ties by channel
-        order (local whitening's neighbourhoods).
+        The ``k`` nearest usable channels (clipped to their count, and with ``shank`` to the smallest shank's),
+        the channel itself first; ties by channel order (local whitening's neighbourhoods).
     radius_um : float, optional
         Instead of ``k``: every channel within this distance, by distance (ties by channel order); rows are
         padded with the channel itself to the longest row (peak-detection neighbourhoods).
@@ -94,7 +94,11 @@ def neighbourhoods(x: np.ndarray, y: np.ndarray, *, k: int | None = None, radius
         d[shank[:, None] != shank[None, keep]] = np.inf
     if k is not None:
         d[keep, np.arange(keep.size)] = -1.0  # self first
-        nb = keep[np.argsort(d, axis=1, kind="stable")[:, :min(int(k), keep.size)]]
+        n = keep.size
+        if shank is not None and keep.size:
+            # never a neighbour from another shank: at most as many as the smallest shank has usable channels
+            n = int(np.unique(shank[keep], return_counts=True)[1].min())
+        nb = keep[np.argsort(d, axis=1, kind="stable")[:, :min(int(k), n)]]
         nb[exclude] = -1
         nb[exclude, 0] = np.flatnonzero(exclude)
         return nb

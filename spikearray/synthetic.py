@@ -31,29 +31,47 @@ _ADC = {"np1": dict(range_max=0.6, max_int=512, gain=500.0, ptype=0, pn="NP1000"
         "np2": dict(range_max=0.5, max_int=8192, gain=80.0, ptype=21, pn="NP2000", pitch=15.0)}
 
 
+#: Layouts besides the ADC kinds: a four-shank Neuropixels 2.0-like probe (shanks 250 µm apart, NP2.0 ADC)
+_MULTI = {"np2-4shank": ("np2", 4, 250.0)}
+
+
+def _adc(layout: str) -> dict:
+    return _ADC[_MULTI[layout][0]] if layout in _MULTI else _ADC[layout]
+
+
 def _uv_per_bit(layout: str) -> float:
-    a = _ADC[layout]
+    a = _adc(layout)
     return 1e6 * a["range_max"] / a["max_int"] / a["gain"]
 
 
-def probe_layout(n_channels: int, layout: Literal["np1", "np2"] = "np1") -> ProbeLayout:
+def probe_layout(n_channels: int, layout: Literal["np1", "np2", "np2-4shank"] = "np1") -> ProbeLayout:
     """Contact positions of the first ``n_channels`` channels of a Neuropixels-like probe (bank 0).
 
     NP1.0: two contacts per 20 µm row, staggered (x 27/59 µm on even rows, 11/43 µm on odd rows). NP2.0: two
-    aligned columns (x 27/59 µm), 15 µm rows. Coordinates are SpikeGLX's (x from the shank edge, y above the
-    lowest row), so a written ``.meta`` reproduces them.
+    aligned columns (x 27/59 µm), 15 µm rows. ``"np2-4shank"``: NP2.0 four-shank, the channels split evenly
+    over shanks 0–3 whose columns sit 250 µm apart (x 27/59 µm + 250 µm × shank). Coordinates are SpikeGLX's
+    (x from the first shank's edge, y above the lowest row), so a written ``.meta`` reproduces them.
     """
-    if layout not in _ADC:
-        raise SpikearrayError(f"layout={layout!r}; expected 'np1' or 'np2'.")
+    if layout not in _ADC and layout not in _MULTI:
+        raise SpikearrayError(f"layout={layout!r}; expected 'np1', 'np2' or 'np2-4shank'.")
     i = np.arange(n_channels)
-    row, col = i // 2, i % 2
-    if layout == "np1":
-        x = np.where(row % 2 == 0, 27.0, 11.0) + 32.0 * col
+    shank = np.zeros(n_channels, int)
+    if layout in _MULTI:
+        _, n_shanks, spacing = _MULTI[layout]
+        if n_channels % (2 * n_shanks):
+            raise SpikearrayError(f"layout={layout!r} needs n_channels divisible by {2 * n_shanks} (two columns on "
+                                  f"each of {n_shanks} shanks); got {n_channels}.")
+        per = n_channels // n_shanks
+        shank, local = i // per, i % per
+        row, col = local // 2, local % 2
+        x = 27.0 + 32.0 * col + spacing * shank
     else:
-        x = 27.0 + 32.0 * col
-    y = _ADC[layout]["pitch"] * row
-    ids = np.array([f"e{k}" for k in i])
-    return ProbeLayout(i, x, y, np.zeros(n_channels, int), ids, "NP1.0-like" if layout == "np1" else "NP2.0-like")
+        row, col = i // 2, i % 2
+        x = np.where(row % 2 == 0, 27.0, 11.0) + 32.0 * col if layout == "np1" else 27.0 + 32.0 * col
+    y = _adc(layout)["pitch"] * row
+    ids = np.array([f"s{sh}e{k}" if layout in _MULTI else f"e{k}" for k, sh in zip(i, shank)])
+    name = {"np1": "NP1.0-like", "np2": "NP2.0-like"}.get(layout, "NP2.0-4-shank-like")
+    return ProbeLayout(i, x, y.astype(float), shank.astype(int), ids, name)
 
 
 def _zigzag(t: np.ndarray, period: float, amplitude: float) -> np.ndarray:
@@ -172,7 +190,8 @@ class _Renderer:
 
 
 def generate_recording(duration: float = 30.0, n_channels: int = 32, n_units: int = 10, *,
-                       layout: Literal["np1", "np2"] = "np1", noise_uV: float = 10.0, drift: str | None = None,
+                       layout: Literal["np1", "np2", "np2-4shank"] = "np1", noise_uV: float = 10.0,
+                       drift: str | None = None,
                        drift_um: float = 30.0, drift_period: float | None = None, sampling_rate: float = 30000.0,
                        firing_rates: tuple[float, float] = (3.0, 12.0), amplitudes_uV: tuple[float, float] = (50.0, 400.0),
                        refractory_ms: float = 2.5, amplitude_jitter: float = 0.05, common_uV: float = 30.0,
@@ -187,8 +206,10 @@ def generate_recording(duration: float = 30.0, n_channels: int = 32, n_units: in
     n_channels : int
         Contacts (2 per row, bank 0 of a Neuropixels-like probe).
     n_units : int
-    layout : {"np1", "np2"}
-        Probe geometry and ADC scale (NP1.0: 2.34375 µV/bit; NP2.0: 0.762939 µV/bit).
+    layout : {"np1", "np2", "np2-4shank"}
+        Probe geometry and ADC scale (NP1.0: 2.34375 µV/bit; NP2.0: 0.762939 µV/bit). ``"np2-4shank"``: the
+        channels spread evenly over four NP2.0 shanks 250 µm apart, each unit beside one shank
+        (``unit_shank`` in the truth).
     noise_uV : float
         RMS of the (spatially correlated, temporally white) noise, µV.
     drift : {None, "rigid", "nonrigid"}
@@ -247,7 +268,10 @@ def generate_recording(duration: float = 30.0, n_channels: int = 32, n_units: in
 
     ylo, yhi = float(cy.min()), float(cy.max())
     margin_y = min(20.0, (yhi - ylo) / 4)
-    ux = rng.uniform(5.0, 65.0, n_units)
+    # units sit beside a shank: x within the shank's 70 µm (one shank at x 0–70 µm unless multi-shank)
+    # (the shank draw has its own stream, so single-shank recordings keep their bits)
+    home = np.random.default_rng([seed, 4]).integers(0, int(probe.shank.max()) + 1, n_units)
+    ux = rng.uniform(5.0, 65.0, n_units) + (_MULTI[layout][2] * home if layout in _MULTI else 0.0)
     uy = rng.uniform(ylo + margin_y, yhi - margin_y, n_units) if yhi > ylo else np.full(n_units, ylo)
     uz = rng.uniform(18.0, 35.0, n_units)
     ptp = np.exp(rng.uniform(np.log(amplitudes_uV[0]), np.log(amplitudes_uV[1]), n_units))
@@ -299,6 +323,7 @@ def generate_recording(duration: float = 30.0, n_channels: int = 32, n_units: in
             "spike_unit": ("spike", spike_unit),
             "spike_amplitude_scale": ("spike", spike_scale),
             "unit_x": ("unit", ux), "unit_y": ("unit", uy), "unit_z": ("unit", uz),
+            "unit_shank": ("unit", home.astype(np.int64)),
             "unit_ptp_uV": ("unit", ptp),
             "unit_best_channel": ("unit", rest_fp.argmax(axis=1) if n_units else np.zeros(0, int)),
             "unit_firing_rate": ("unit", rates),

@@ -19,11 +19,16 @@ from .units import ptp_best, refractory_labels, spike_positions, unit_positions,
 __all__ = ["build_sorting", "empty_sorting"]
 
 
+#: Units with at most this many spikes after the merges are dropped (see build_sorting).
+MIN_UNIT_SPIKES = 10
+
+
 def _displacement(drift: xr.Dataset | None) -> xr.DataArray:
-    """The drift estimate as stored in a sorting: block centres as ``block_depth`` (``depth`` is per unit)."""
+    """The drift estimate as stored in a sorting: block centres as ``block_depth`` (``depth`` is per unit), and
+    on a multi-shank probe each block's shank as ``block_shank`` (every shank has its own estimate)."""
     if drift is not None and "displacement" in drift:
         d = drift["displacement"].astype(np.float32)
-        d = d.drop_vars([c for c in d.coords if c not in ("time", "depth")])
+        d = d.drop_vars([c for c in d.coords if c not in ("time", "depth", "block_shank")])
         return d.rename({"depth": "block_depth"}) if "depth" in d.coords else d
     return xr.DataArray(np.zeros((1, 1), np.float32), dims=("time", "block"),
                         coords={"time": [0.0], "block_depth": ("block", [0.0])})
@@ -137,7 +142,8 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
         idx = match_.argmax(2)
         f = feat[moved]
         feat[moved] = np.where(has[:, :, None], np.take_along_axis(f, idx[:, :, None], 1), 0.0)
-    gone = redundant_units(t, unit, K, delta=int(round(0.4e-3 * fs)))
+    gone = redundant_units(t, unit, K, delta=int(round(0.4e-3 * fs)),
+                           norms=np.linalg.norm(tmean.reshape(K, -1), axis=1))
     keep = ~gone[unit]
     t, unit, k, scale, feat = t[keep], unit[keep], k[keep], scale[keep], feat[keep]
     order = np.lexsort((unit, t))
@@ -146,6 +152,13 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
     t, unit, k, scale, feat = t[keep], unit[keep], k[keep], scale[keep], feat[keep]
     ok = (t >= 0) & (t < recording.sizes["time"])
     t, unit, k, scale, feat = t[ok], unit[ok], k[ok], scale[ok], feat[ok]
+    # a unit needs more than MIN_UNIT_SPIKES spikes to be one: with fewer, its template is a few noisy waveforms
+    # spread over the whole probe and its refractory test cannot run (Kilosort4's is_ref needs > 10 spikes).
+    # On a four-shank test recording the only two such units held 1 and 2 spikes, both false positives.
+    ok = np.bincount(unit, minlength=K)[unit] > MIN_UNIT_SPIKES
+    t, unit, k, scale, feat = t[ok], unit[ok], k[ok], scale[ok], feat[ok]
+    if len(t) == 0:
+        return empty_sorting(recording, white, whitening, drift, s, timings, nt, P, nC)
 
     survivors = np.unique(unit)
     relabel = -np.ones(K, np.int64)

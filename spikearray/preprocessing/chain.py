@@ -11,7 +11,6 @@ import xarray as xr
 
 from .._compute import default_torch_threads, resolve_device
 from ..errors import DataError, RecordingError, SettingsError
-from ..geometry import neighbourhoods
 from ..settings import PARAMETERS, Settings
 from ._common import check_recording, derive_attrs
 from .._engine import compute_tasks
@@ -20,7 +19,7 @@ from ._kernels import band_blocks, covariance_block, median_subtract, reference_
 from .bad_channels import classify_bad_channels, robust_sd, warn_bad_channels
 from .filters import highpass_stage
 from .reference import reference_stage
-from .whitening import matrix_from_estimates, needed_pairs, whiten_record
+from .whitening import matrix_from_estimates, needed_pairs, whiten_record, whitening_neighbourhoods
 
 __all__ = ["preprocess", "scale_shift", "check_sampling_rate", "estimate_windows", "artifact_batches"]
 
@@ -228,7 +227,7 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
     windows = estimate_windows(rec.sizes["time"], batch_size=batch_size, nskip=int(settings.nskip),
                                seed=int(settings.seed), batch_downsampling=int(settings.batch_downsampling))
     threshold = float(settings.artifact_threshold)
-    pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, k=int(settings.whitening_range)))
+    pairs = needed_pairs(whitening_neighbourhoods(rec, int(settings.whitening_range)))
     tasks = _window_estimates(data, windows, hp_run, halo, do_car=do_car, device=dev, threads=threads,
                               cov_blocks=band_blocks(pairs), artifact_threshold=threshold)
     results = compute_tasks(tasks, desc="whitening")  # the sampled windows, on the current client or threads

@@ -9,7 +9,7 @@ import xarray as xr
 
 from .._compute import default_torch_threads, resolve_device, torch_threads
 from ..errors import DataError, ProbeMismatchError, SettingsError
-from ..geometry import neighbourhoods, uV_gains
+from ..geometry import neighbourhoods, shanks, uV_gains
 from ._common import check_finite, check_recording, derive_attrs, json_friendly
 from .._engine import compute_tasks
 from ._graph import as_dask, map_time_blocks, sample_windows, wrap_like
@@ -29,6 +29,13 @@ def _check_params(whitening_range: int, nskip: int, batch_size: int) -> None:
                                 " nskip=25, batch_size=60000).")
 
 
+def whitening_neighbourhoods(rec: xr.DataArray, whitening_range: int,
+                             exclude: np.ndarray | None = None) -> np.ndarray:
+    """Each channel's ``whitening_range`` nearest channels on its own shank (:func:`~spikearray.geometry.
+    neighbourhoods`): shanks of a multi-shank probe are whitened apart, so no signal leaks between them."""
+    return neighbourhoods(rec["x"].values, rec["y"].values, k=whitening_range, exclude=exclude, shank=shanks(rec))
+
+
 def needed_pairs(nb: np.ndarray) -> np.ndarray:
     """Boolean ``(c, c)`` mask of the covariance entries the local ZCA reads (pairs inside a neighbourhood)."""
     c = nb.shape[0]
@@ -39,7 +46,8 @@ def needed_pairs(nb: np.ndarray) -> np.ndarray:
 
 
 def local_zca(cov: np.ndarray, x: np.ndarray, y: np.ndarray, *, whitening_range: int, eps: float = 1e-6,
-              exclude: np.ndarray | None = None, symmetric: bool = True) -> np.ndarray:
+              exclude: np.ndarray | None = None, symmetric: bool = True,
+              shank: np.ndarray | None = None) -> np.ndarray:
     """Kilosort4's local ZCA whitening matrix from a channel covariance.
 
     For every channel ``j``: its ``whitening_range`` nearest channels in (x, y) (itself first; ties by channel
@@ -74,7 +82,7 @@ def local_zca(cov: np.ndarray, x: np.ndarray, y: np.ndarray, *, whitening_range:
     if keep.size == 0:
         return w
     eps_eff = max(float(eps), 1e-6 * float(np.median(np.diag(cov)[keep])))
-    nb = neighbourhoods(x, y, k=whitening_range, exclude=exclude)[keep]  # (n_keep, k), column 0 is the channel itself
+    nb = neighbourhoods(x, y, k=whitening_range, exclude=exclude, shank=shank)[keep]  # (n_keep, k), self first
     local = cov[nb[:, :, None], nb[:, None, :]]  # (n_keep, k, k)
     # torch's batched eigh on CPU (numpy's loops LAPACK per matrix and its BLAS threads can stall next to dask's)
     with torch_threads(1):
@@ -124,7 +132,7 @@ def matrix_from_estimates(rec: xr.DataArray, covs: list[tuple[np.ndarray, int]],
     ids = rec["channel"].values
     exclude = np.isin(ids, np.asarray(bad["dead"], dtype=ids.dtype)) if bad["dead"] else None
     if pairs is not None:
-        need = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, k=whitening_range, exclude=exclude))
+        need = needed_pairs(whitening_neighbourhoods(rec, whitening_range, exclude=exclude))
         if (need & ~pairs).any():
             covs = compute_tasks(covariance_tasks(rec, windows, device=torch.device("cpu"), threads=None),
                                  desc="whitening")
@@ -134,7 +142,7 @@ def matrix_from_estimates(rec: xr.DataArray, covs: list[tuple[np.ndarray, int]],
         raise DataError("whitening: the sampled windows hold NaN or inf; compute the traces (e.g. "
                         "rec.data.compute()) to find where, or clean the input.")
     w = local_zca(cov, rec["x"].values, rec["y"].values, whitening_range=whitening_range, eps=eps,
-                  exclude=exclude, symmetric=symmetric)
+                  exclude=exclude, symmetric=symmetric, shank=shanks(rec))
     out = xr.DataArray(w.astype(np.float32), dims=("channel", "channel_out"),
                        coords={"channel": ids, "channel_out": ids.copy()}, name="whitening_matrix")
     for name in ("x", "y", "shank", "contact_id"):
@@ -190,7 +198,7 @@ def whitening_matrix(rec: xr.DataArray, *, whitening_range: int = 32, nskip: int
     dev = resolve_device(device)
     threads = torch_threads or default_torch_threads()
     windows = sample_windows(rec.sizes["time"], batch_size=batch_size, nskip=nskip, seed=seed)
-    pairs = needed_pairs(neighbourhoods(rec["x"].values, rec["y"].values, k=whitening_range))
+    pairs = needed_pairs(whitening_neighbourhoods(rec, whitening_range))
     results = compute_tasks(covariance_tasks(rec, windows, device=dev, threads=threads, pairs=pairs,
                                              with_sd=bad_channels is None), desc="whitening")
     covs = [r[:2] for r in results]
