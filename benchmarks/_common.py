@@ -28,16 +28,36 @@ PEERS_PYTHON = PEERS_VENV / "bin" / "python"
 MAKE_GT = REPO_ROOT.parent / "shared" / "gt" / "make_gt.py"
 DEFAULT_DATA_DIR = REPO_ROOT / "gt_data"
 
-#: The exact make_gt.py arguments of the public sets (``shared/gt/README.md``).
+MAKE_PAPER = REPO_ROOT.parent / "shared" / "gt" / "make_paper_set.py"
+
+#: The exact generator arguments of the public sets (``shared/gt/README.md``): the sparse GT-A/GT-B of
+#: ``make_gt.py`` and the dense sets of the sorting-components paper's recipe (``make_paper_set.py``,
+#: public seed 2205; P384 is the paper's own size).
 PUBLIC_SETS: dict[str, list[str]] = {
     "GT-A": ["--seed", "42", "--duration", "120", "--num-channels", "64", "--layout", "np1",
              "--num-units", "35", "--drift", "none", "--noise-level", "8"],
     "GT-B": ["--seed", "42", "--duration", "120", "--num-channels", "64", "--layout", "np1",
              "--num-units", "35", "--drift", "nonrigid", "--drift-amplitude", "25", "--noise-level", "8"],
+    "P128-static": ["--probe", "Neuropixels1-128", "--units", "250", "--duration", "100", "--seed", "2205"],
+    "P128-drift": ["--probe", "Neuropixels1-128", "--units", "250", "--duration", "100", "--seed", "2205",
+                   "--drift"],
+    "P384-static": ["--probe", "Neuropixels1-384", "--units", "500", "--duration", "600", "--seed", "2205"],
+    "P384-drift": ["--probe", "Neuropixels1-384", "--units", "500", "--duration", "600", "--seed", "2205",
+                   "--drift"],
 }
 
+#: Sets with drift: peers that have a motion-correction switch (Lupin, Tridesclous2) run with it on there,
+#: since their default (off) breaks them on drifting data (shared/gt/README.md).
+DRIFTING_SETS = frozenset({"GT-B", "P128-drift", "P384-drift"})
+
+
+def set_generator(name: str) -> Path:
+    """The generator script of a public set: ``make_paper_set.py`` for the P* sets, else ``make_gt.py``."""
+    return MAKE_PAPER if name.startswith("P") else MAKE_GT
+
+
 #: Sorters the harness knows; every one but spikearray runs in the peers venv.
-SORTERS = ("spikearray", "kilosort4", "spykingcircus2", "tridesclous2", "mountainsort5")
+SORTERS = ("spikearray", "kilosort4", "lupin", "spykingcircus2", "tridesclous2", "mountainsort5")
 
 #: Files that make a folder a ground-truth set.
 SET_FILES = ("recording.bin", "probe.json", "params.json", "ground_truth.npz")
@@ -107,8 +127,8 @@ def is_set_dir(path: Path) -> bool:
     return all((path / name).exists() for name in SET_FILES)
 
 
-def generate_set(out: Path, make_gt_args: list[str]) -> Path:
-    """Write a ground-truth set with ``make_gt.py`` unless it is already there.
+def generate_set(out: Path, make_gt_args: list[str], script: Path = MAKE_GT) -> Path:
+    """Write a ground-truth set with ``make_gt.py`` (or ``script``) unless it is already there.
 
     Parameters
     ----------
@@ -124,23 +144,23 @@ def generate_set(out: Path, make_gt_args: list[str]) -> Path:
     """
     if is_set_dir(out):
         return out
-    if not MAKE_GT.exists():
-        sys.exit(f"{MAKE_GT} not found: it is the generator of the public sets")
+    if not script.exists():
+        sys.exit(f"{script} not found: it is the generator of the public sets")
     out.parent.mkdir(parents=True, exist_ok=True)
     # make_gt needs spikeinterface, which lives in the peers venv only.
-    cmd = [str(require_peers_python()), str(MAKE_GT), *make_gt_args, "--out", str(out)]
+    cmd = [str(require_peers_python()), str(script), *make_gt_args, "--out", str(out)]
     print("generating:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
 
 
 def resolve_set(name_or_path: str, data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, Path]:
-    """Map ``GT-A``/``GT-B``/a folder to a set name and a folder with its files.
+    """Map a public set's name (:data:`PUBLIC_SETS`) or a folder to a set name and a folder with its files.
 
     Parameters
     ----------
     name_or_path : str
-        ``GT-A`` or ``GT-B`` (generated into ``data_dir`` if missing) or the
+        A key of :data:`PUBLIC_SETS` (generated into ``data_dir`` if missing) or the
         path of a folder holding :data:`SET_FILES`.
     data_dir : pathlib.Path, optional
         Where public sets are generated.
@@ -151,10 +171,12 @@ def resolve_set(name_or_path: str, data_dir: Path = DEFAULT_DATA_DIR) -> tuple[s
         Set name (used in output file names) and its folder.
     """
     if name_or_path in PUBLIC_SETS:
-        return name_or_path, generate_set(data_dir / name_or_path, PUBLIC_SETS[name_or_path])
+        return name_or_path, generate_set(data_dir / name_or_path, PUBLIC_SETS[name_or_path],
+                                          set_generator(name_or_path))
     path = Path(name_or_path).resolve()
     if not is_set_dir(path):
-        sys.exit(f"{path} is neither GT-A, GT-B nor a folder with {', '.join(SET_FILES)}")
+        sys.exit(f"{path} is neither a public set ({', '.join(PUBLIC_SETS)}) nor a folder with "
+                 f"{', '.join(SET_FILES)}")
     return path.name, path
 
 

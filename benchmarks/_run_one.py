@@ -146,8 +146,9 @@ def run_kilosort4(set_dir: Path, params: dict, work: Path) -> Spikes:
             quality.astype(str), meta)
 
 
-def run_spikeinterface(name: str, set_dir: Path, params: dict, work: Path) -> Spikes:
-    """Sort with one of SpikeInterface's sorters, defaults, ``n_jobs`` = :data:`N_JOBS`."""
+def run_spikeinterface(name: str, set_dir: Path, params: dict, work: Path, motion_correction: bool = False) -> Spikes:
+    """Sort with one of SpikeInterface's sorters, defaults, ``n_jobs`` = :data:`N_JOBS`; with
+    ``motion_correction``, ``apply_motion_correction=True`` for the sorters that have that switch."""
     import spikeinterface as si
     import spikeinterface.sorters as ss
     from probeinterface import read_probeinterface
@@ -171,6 +172,8 @@ def run_spikeinterface(name: str, set_dir: Path, params: dict, work: Path) -> Sp
         kwargs["job_kwargs"] = {"n_jobs": N_JOBS}
     elif "n_jobs" in defaults:
         kwargs["n_jobs"] = N_JOBS
+    if motion_correction and "apply_motion_correction" in defaults:
+        kwargs["apply_motion_correction"] = True
     t0 = time.perf_counter()
     sorting = ss.run_sorter(name, rec, folder=work / name, remove_existing_folder=True, **kwargs)
     sort_s = time.perf_counter() - t0
@@ -207,6 +210,8 @@ def main() -> None:
     parser.add_argument("--set", required=True, type=Path, help="ground-truth set folder")
     parser.add_argument("--out", required=True, type=Path, help="npz to write")
     parser.add_argument("--work", required=True, type=Path, help="scratch folder for the sorter")
+    parser.add_argument("--motion-correction", action="store_true",
+                        help="SpikeInterface sorters with an apply_motion_correction switch run with it on")
     args = parser.parse_args()
 
     params = read_params(args.set)
@@ -216,7 +221,7 @@ def main() -> None:
     elif args.sorter == "kilosort4":
         result = run_kilosort4(args.set, params, args.work)
     else:
-        result = run_spikeinterface(args.sorter, args.set, params, args.work)
+        result = run_spikeinterface(args.sorter, args.set, params, args.work, args.motion_correction)
     samples, labels, unit_ids, quality, meta = result
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, spike_samples=samples, spike_labels=labels, unit_ids=unit_ids,

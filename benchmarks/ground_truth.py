@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import (BENCH_DIR, DEFAULT_DATA_DIR, REPO_ROOT, SORTERS, child_env, machine_info, now_iso,
-                     read_params, recording_seconds, require_peers_python, resolve_set, run_measured,
+from _common import (BENCH_DIR, DEFAULT_DATA_DIR, DRIFTING_SETS, REPO_ROOT, SORTERS, child_env, machine_info,
+                     now_iso, read_params, recording_seconds, require_peers_python, resolve_set, run_measured,
                      sorter_python, write_json)
 from make_table import write_table
 
@@ -41,7 +41,8 @@ def _tail(path: Path, n: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
-def benchmark_one(set_name: str, set_dir: Path, sorter: str, out: Path, command: str) -> dict:
+def benchmark_one(set_name: str, set_dir: Path, sorter: str, out: Path, command: str,
+                  motion_correction: bool = False) -> dict:
     """Sort, measure and score one sorter on one set; write its JSON, CSV and PNG.
 
     Parameters
@@ -56,6 +57,8 @@ def benchmark_one(set_name: str, set_dir: Path, sorter: str, out: Path, command:
         Results folder.
     command : str
         Command line that reproduces this run, stored in the JSON.
+    motion_correction : bool
+        Peers with a motion-correction switch run with it on (drifting sets).
 
     Returns
     -------
@@ -75,7 +78,8 @@ def benchmark_one(set_name: str, set_dir: Path, sorter: str, out: Path, command:
     print(f"[{set_name}] {sorter}: sorting ...", flush=True)
     run = run_measured(
         [sorter_python(sorter), str(BENCH_DIR / "_run_one.py"), "--sorter", sorter,
-         "--set", str(set_dir), "--out", str(npz), "--work", str(work)],
+         "--set", str(set_dir), "--out", str(npz), "--work", str(work)]
+        + (["--motion-correction"] if motion_correction else []),
         env=child_env(sorter), log_path=work / "sort.log")
     record.update({
         "wall_s": run.wall_s, "x_real_time": run.wall_s / duration,
@@ -119,7 +123,9 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(SORTERS)}")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="results folder")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="where GT-A/GT-B are generated if missing")
+                        help="where the public sets are generated if missing")
+    parser.add_argument("--motion-correction", choices=("auto", "on", "off"), default="auto",
+                        help="peers' motion correction switch (auto: on for the drifting public sets)")
     args = parser.parse_args()
 
     sorters = [s.strip() for s in args.sorters.split(",") if s.strip()]
@@ -127,13 +133,14 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown sorter(s) {unknown}; known: {SORTERS}")
     set_name, set_dir = resolve_set(args.set, args.data_dir)
+    motion = args.motion_correction == "on" or (args.motion_correction == "auto" and set_name in DRIFTING_SETS)
     out = args.out.resolve()
     failed = []
     for sorter in sorters:
         # One command per row, so docs can cite exactly how a row was made.
         command = shlex.join(["python", "benchmarks/ground_truth.py", "--set", args.set,
                               "--sorters", sorter, "--out", str(args.out)])
-        if benchmark_one(set_name, set_dir, sorter, out, command)["status"] != "ok":
+        if benchmark_one(set_name, set_dir, sorter, out, command, motion)["status"] != "ok":
             failed.append(sorter)
     print(f"table: {write_table(out)}")
     if failed:
