@@ -27,7 +27,7 @@ __all__ = ["RecipeError", "Session", "SessionResult", "Recipe", "find_sessions",
 SUMMARY_COLUMNS = ("session", "status", "units", "good", "spikes", "seconds", "error")
 
 _TOP_KEYS = ("output_root", "settings", "sessions", "report")
-_SESSION_KEYS = ("path", "probe", "out", "settings")
+_SESSION_KEYS = ("path", "probe", "wired_only", "out", "settings")
 
 
 class RecipeError(SpikearrayError, ValueError):
@@ -46,6 +46,9 @@ class Session:
         Output folder (``sorting.zarr``, ``phy/``, ``report/``).
     probe : str or None
         Probe file for :func:`spikearray.open_recording`.
+    wired_only : bool
+        Sort only the file columns the probe wires (``open_recording(..., wired_only=True)``); without it a
+        probe that leaves data columns unwired stops the session with an error that lists them.
     settings : dict
         Overrides on top of the recipe's defaults (Kilosort4 / spikearray names).
     name : str
@@ -57,6 +60,7 @@ class Session:
     probe: str | None = None
     settings: dict = field(default_factory=dict)
     name: str = ""
+    wired_only: bool = False
 
 
 @dataclass
@@ -170,6 +174,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         sessions:
           - path: raw/m1_g0_t0.imec0.ap.bin
             probe: probes/np1.json    # optional
+            wired_only: true          # optional: sort only the columns the probe wires
             out: sorted/m1            # optional: default output_root/<file name without .ap.bin>
             settings: {Th_universal: 10}   # optional overrides
 
@@ -229,8 +234,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
             raise RecipeError(f"{where} writes to {str(out)!r} like sessions[{names[out]}]; give it its own 'out'.")
         names[out] = i
         probe = str(resolve(entry["probe"], "probe", where)) if entry.get("probe") is not None else None
+        wired = entry.get("wired_only", False)
+        if not isinstance(wired, bool):
+            raise RecipeError(f"{where}.wired_only is {wired!r}; expected true or false.")
         sessions.append(Session(path=rec, out=out, probe=probe, settings={**defaults, **over},
-                                name=session_name(rec) if rec.name else str(rec)))
+                                name=session_name(rec) if rec.name else str(rec), wired_only=wired))
     return Recipe(sessions=tuple(sessions), settings=defaults, output_root=root, report=report)
 
 
@@ -287,7 +295,7 @@ def run_sessions(sessions: Iterable[Session], *, report: bool = False, progress:
         say(f"{head}: sorting {s.path} -> {s.out}")
         t0 = time.perf_counter()
         try:
-            rec = open_recording(s.path, probe=s.probe)
+            rec = open_recording(s.path, probe=s.probe, wired_only=s.wired_only)
             sorting = sorter(rec, dict(s.settings), output=s.out, progress=progress, report=report)
             units, good, spikes = _counts(sorting)
             r = SessionResult(s, "ok", units, good, spikes, time.perf_counter() - t0)

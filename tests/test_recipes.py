@@ -149,3 +149,30 @@ def test_shipped_example_recipe_is_valid(capsys):
     assert r.sessions[2].probe.endswith("rat3_custom_layout.json")
     assert main(["recipe", str(ROOT / "recipes" / "sessions.yaml"), "--check"]) == 0
     assert "3 sessions" in capsys.readouterr().out
+
+
+def test_yaml_recipe_wired_only_sorts_the_wired_channels_of_a_partial_probe(three_sessions, tmp_path, capsys):
+    import json
+
+    import spikearray as sa
+
+    root, paths = three_sessions
+    full = sa.open_recording(paths[0])
+    keep = 12  # a probe file that wires 12 of the 16 recorded channels
+    probe = tmp_path / "partial.json"
+    probe.write_text(json.dumps({"chanMap": list(range(keep)), "xc": full["x"].values[:keep].tolist(),
+                                 "yc": full["y"].values[:keep].tolist(), "kcoords": [0] * keep, "n_chan": keep}))
+    text = f"output_root: out\nsettings: {{nblocks: 0, batch_size: 30000}}\nsessions:\n  - path: {paths[0]}\n" \
+           f"    probe: {probe}\n"
+    (tmp_path / "plain.yaml").write_text(text)
+    (tmp_path / "wired.yaml").write_text(text.replace("output_root: out", "output_root: out_wired")
+                                         + "    wired_only: true\n")
+    assert main(["recipe", str(tmp_path / "plain.yaml")]) == 1  # refused, naming the unwired channels
+    row = _summary(tmp_path / "out" / "summary.tsv")["a_g0_t0.imec0"]
+    assert row["status"] == "error" and "12, 13, 14, 15" in capsys.readouterr().out + row.get("error", "")
+    assert main(["recipe", str(tmp_path / "wired.yaml")]) == 0
+    so = sa.open_sorting(tmp_path / "out_wired" / "a_g0_t0.imec0")
+    assert so.sizes["channel"] == keep
+    with pytest.raises(RecipeError, match="wired_only"):
+        (tmp_path / "bad.yaml").write_text(text + "    wired_only: yes please\n")
+        load_recipe(tmp_path / "bad.yaml")
