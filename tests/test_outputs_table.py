@@ -110,3 +110,25 @@ def test_build_sorting_and_empty_sorting_follow_the_table(planted):
     assert empty["template"].shape == (0, 61, C) and empty["label"].dtype.kind == "U"
     # the same variables either way, so code reading a sorting need not special-case an empty one
     assert set(empty.data_vars) == set(so.data_vars)
+
+
+def test_build_sorting_drops_units_with_too_few_spikes_to_be_units(planted):
+    from spikearray.metrics.sorting import MIN_UNIT_SPIKES
+
+    rec, truth = planted
+    C = rec.sizes["channel"]
+    ids = rec["channel"].values
+    W = xr.DataArray(np.eye(C, dtype=np.float32), dims=("channel", "channel_out"),
+                     coords={"channel": ids, "channel_out": ids})
+    matched, K = _matched(rec, truth)
+    k = matched["spike_template"].values
+    full = build_sorting(matched, recording=rec, white=rec, whitening=W, drift=None, settings=sa.Settings(),
+                         timings={})
+    for keep, present in ((MIN_UNIT_SPIKES, False), (MIN_UNIT_SPIKES + 1, True)):
+        # template 0 left with `keep` of its spikes; every other template untouched
+        drop = np.flatnonzero(k == 0)[keep:]
+        thin = matched.isel(spike=np.setdiff1d(np.arange(len(k)), drop))
+        so = build_sorting(thin, recording=rec, white=rec, whitening=W, drift=None, settings=sa.Settings(),
+                           timings={})
+        assert so.sizes["unit"] == full.sizes["unit"] - (0 if present else 1)
+        assert (so["n_spikes"].values > MIN_UNIT_SPIKES).all()
