@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 
+import dask
 import numpy as np
 import pytest
 
@@ -108,6 +109,24 @@ def test_artifact_threshold_zeroes_the_planted_artifacts_batch_whatever_the_chun
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
     default = preprocess(with_artifact, sa.Settings(batch_size=BATCH, device="cpu"))[0].values
     assert len(_zero_rows(default)) == 0 and np.abs(default).max() > 40  # inf (default): nothing zeroed
+
+
+def test_artifact_flags_are_computed_once_not_per_window_of_chunks(with_artifact, tmp_path, monkeypatch):
+    from spikearray._cache import write_int16
+    from spikearray.preprocessing import chain
+
+    calls = []
+    real = chain.artifact_batches
+
+    def counting(*a, **kw):  # count evaluations of the per-batch test
+        flags = real(*a, **kw)
+        return dask.delayed(lambda f: calls.append(1) or f)(flags)
+
+    monkeypatch.setattr(chain, "artifact_batches", counting)
+    s = sa.Settings(batch_size=BATCH, artifact_threshold=1000.0, device="cpu")
+    white, _ = preprocess(with_artifact.chunk({"time": 3000}), s)  # many chunks: several compute windows
+    write_int16(white, tmp_path / "x.int16")
+    assert len(calls) == 1
 
 
 def test_an_artifact_threshold_below_the_noise_is_a_clear_error(small):

@@ -134,7 +134,7 @@ def artifact_batches(data: da.Array, hp_run, halo: int, *, batch_size: int, thre
 
 
 def _zero_batches(data: da.Array, flags, batch_size: int) -> da.Array:
-    """``data`` with every row of a flagged batch set to 0 (blockwise; ``flags`` is computed once)."""
+    """``data`` with every row of a flagged batch set to 0 (blockwise; ``flags``: bool ndarray (n_batches,))."""
     starts = np.concatenate([[0], np.cumsum(data.chunks[0])[:-1]]).astype(int)
 
     def block(x: np.ndarray, fl: np.ndarray, block_info=None) -> np.ndarray:
@@ -148,7 +148,7 @@ def _zero_batches(data: da.Array, flags, batch_size: int) -> da.Array:
             x[max(b * batch_size - a, 0):max(min((b + 1) * batch_size - a, len(x)), 0)] = 0.0
         return x
 
-    return da.map_blocks(block, data, flags, dtype=np.float32, meta=np.empty((0, 0), np.float32))
+    return da.map_blocks(block, data, fl=flags, dtype=np.float32, meta=np.empty((0, 0), np.float32))
 
 
 def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_threshold: float = 0.1,
@@ -266,8 +266,11 @@ def preprocess(rec: xr.DataArray, settings: Settings | None = None, *, dead_thre
     stages += [hp_record] + ([car_record] if do_car else []) + [whiten_record(matrix)]
     out = map_time_overlap(fused, data, halo)
     if math.isfinite(threshold):
-        flags = artifact_batches(data, hp_run, halo, batch_size=batch_size, threshold=threshold, do_car=do_car,
-                                 device=dev, threads=threads)
+        # computed here, once: a lazy flag array shared by every output chunk would be recomputed (the whole
+        # recording filtered again) by each window of chunks that the int16 copy computes
+        flags = np.asarray(compute_tasks([artifact_batches(data, hp_run, halo, batch_size=batch_size,
+                                                           threshold=threshold, do_car=do_car, device=dev,
+                                                           threads=threads)], desc="artifacts")[0], dtype=bool)
         out = _zero_batches(out, flags, batch_size)
         stages.append({"stage": "artifact_zeroing", "artifact_threshold": threshold, "batch_size": batch_size,
                        "units": "uV"})
