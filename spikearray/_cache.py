@@ -8,7 +8,6 @@ it. Memory stays bounded by the chunk size; the file costs ``2 · n_samples · n
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .export._atomic import _FULL
 from .io.recording import BinaryReader, _lazy
 
 __all__ = ["materialize", "write_int16", "open_int16", "int16_bytes", "require_space_for_int16"]
@@ -100,7 +100,7 @@ def _reserve(f: Any, nbytes: int) -> None:
     if fallocate is not None and nbytes > 0:
         if fallocate(f.fileno(), 0, 0, nbytes) != 0:
             err = ctypes.get_errno()
-            if err in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            if err in _FULL:
                 raise OSError(err, os.strerror(err), str(f.name))
     f.truncate(nbytes)
 
@@ -125,7 +125,7 @@ def write_int16(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 
     free = free_bytes(tmp)
     try:
         with open(tmp, "wb") as f:
-            _reserve(f, n * c * 2)
+            _reserve(f, int16_bytes((n, c)))
         data = white.data
         tokens = data.map_blocks(_write_block, float(scale), str(tmp), (n, c), dtype=np.int8,
                                  chunks=((1,) * len(data.chunks[0]), (1,)), name="store-" + tmp.name)

@@ -11,7 +11,6 @@ over. A lock from another host cannot be checked from here and is never taken ov
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
@@ -33,7 +32,7 @@ T = TypeVar("T")
 LOCK_NAME = ".spikearray.lock"
 # locks this process holds: lock path -> [thread that took it, nesting depth]. The same thread may take a lock
 # again (``with output_lock(out): sort(output=out)``); another thread of this process may not.
-_HELD: dict[str, list[int]] = {}
+_HELD: dict[str, int] = {}  # lock path -> the thread holding it in this process
 _HELD_GUARD = threading.Lock()
 
 
@@ -65,6 +64,12 @@ def read_lock(path: str | os.PathLike) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def _is_stale(holder: dict, host: str) -> bool:
+    """A lock written on this host by a process that is gone."""
+    pid = holder.get("pid")
+    return holder.get("host") == host and isinstance(pid, int) and not pid_alive(pid)
+
+
 def live_holder(output: str | os.PathLike) -> dict | None:
     """The record of the run holding ``output``'s lock, or None if the folder is free (or its lock is stale).
 
@@ -73,10 +78,7 @@ def live_holder(output: str | os.PathLike) -> dict | None:
     holder = read_lock(Path(output) / LOCK_NAME)
     if holder is None:
         return None
-    pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
-        return None
-    return holder
+    return None if _is_stale(holder, socket.gethostname()) else holder
 
 
 def _describe(holder: dict | None) -> str:
@@ -127,9 +129,7 @@ def _acquire(out: Path, what: str) -> tuple[Path, str]:
                     "starting there. If no spikearray run uses this folder, delete that file and run again."
                 )
             continue
-        pid = holder.get("pid")
-        same_host = holder.get("host") == host
-        if same_host and isinstance(pid, int) and not pid_alive(pid):
+        if _is_stale(holder, host):
             # stale: its holder died without releasing it. Move it aside atomically (only one contender wins).
             aside = lock.with_name(f"{LOCK_NAME}.stale-{os.getpid()}-{token}")
             try:
@@ -143,7 +143,8 @@ def _acquire(out: Path, what: str) -> tuple[Path, str]:
                     pass
             aside.unlink(missing_ok=True)
             continue
-        if same_host and pid == os.getpid():
+        same_host = holder.get("host") == host
+        if same_host and holder.get("pid") == os.getpid():
             hint = "it is another thread of this process; run the two one after the other"
         elif same_host:
             hint = "wait for it to finish, or stop it"
@@ -190,31 +191,22 @@ def output_lock(output: str | os.PathLike | None, *, what: str = "output folder"
     out = Path(output)
     key = str((out / LOCK_NAME).absolute())
     with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None and held[0] == threading.get_ident():
-            held[1] += 1
-            nested = True
-        else:
-            nested = False
-    if nested:  # this thread holds it already: keep holding, release at the outermost exit
-        try:
-            yield out / LOCK_NAME
-        finally:
-            with _HELD_GUARD:
-                _HELD[key][1] -= 1
+        nested = _HELD.get(key) == threading.get_ident()
+    if nested:  # this thread holds it already: keep holding, the outermost exit releases it
+        yield out / LOCK_NAME
         return
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            from .export._atomic import disk_full_error
+        from .export._atomic import disk_full_cause, disk_full_error
 
+        if disk_full_cause(e) is not None:
             raise disk_full_error(out, None, what) from e
         raise
     lock, token = _acquire(out, what)
     with _HELD_GUARD:
-        _HELD[key] = [threading.get_ident(), 1]
+        _HELD[key] = threading.get_ident()
     try:
         yield lock
     finally:

@@ -87,12 +87,6 @@ class ProbeLayout:
         return ProbeLayout(self.channel[o], self.x[o], self.y[o], self.shank[o], self.contact_id[o], self.name,
                            self.unused)
 
-    def subset(self, keep: np.ndarray) -> "ProbeLayout":
-        """The contacts where the boolean mask ``keep`` (shape (n,)) is true, in the same order."""
-        keep = np.asarray(keep, dtype=bool)
-        return ProbeLayout(self.channel[keep], self.x[keep], self.y[keep], self.shank[keep], self.contact_id[keep],
-                           self.name, self.unused)
-
     def unwired(self, columns: np.ndarray) -> np.ndarray:
         """The entries of ``columns`` (file rows that hold neural data) that no contact of this probe names.
 
