@@ -23,7 +23,6 @@ drift correction) use :func:`map_time_overlap` and :func:`map_time_blocks`, with
 from __future__ import annotations
 
 import contextvars
-import os
 import sys
 import threading
 import weakref
@@ -40,7 +39,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 from tqdm.auto import tqdm
 
-from ._compute import release_memory
+from ._compute import dask_thread_count, release_memory
 
 __all__ = ["ChunkInfo", "chunk_kernel", "map_chunks", "run_chunks", "compute_tasks", "current_client",
            "show_progress", "progress_enabled", "memo", "as_dask", "merge_short_chunks", "map_time_overlap",
@@ -323,7 +322,7 @@ def compute_tasks(tasks: Sequence[Delayed], *, desc: str = "", window: int | Non
                 for _ in as_completed(futures):
                     bar.update(1)
         return client.gather(futures)
-    window = window or 2 * (os.cpu_count() or 1)
+    window = window or 2 * dask_thread_count()
     out: list = []
     with tqdm(total=len(tasks), desc=desc, unit="chunk", disable=not progress) as bar:
         with _TqdmCallback(bar, {t.key for t in tasks}):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..detection.bases import sample_chunks
 from ..geometry import shanks, vertical_pitch
 from ..settings import Settings
 from .similarity import template_similarity
@@ -81,9 +82,7 @@ def subsample(n: int, cap: int | None) -> np.ndarray:
 
     Deterministic and spread over the whole group (spikes are in time order, so over the whole recording).
     """
-    if cap is None or n <= cap:
-        return np.arange(n)
-    return np.unique(np.round(np.linspace(0, n - 1, int(cap))).astype(np.int64))
+    return np.arange(n) if cap is None else sample_chunks(n, int(cap))
 
 
 def _cluster_group(feat: np.ndarray, neigh: np.ndarray, chans: np.ndarray, seed: int,

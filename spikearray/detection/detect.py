@@ -186,9 +186,10 @@ def detect(white: xr.DataArray, bases: xr.Dataset, settings: Settings | None = N
     pos = positions(white)
     shank = shanks(white)
     C = len(pos)
-    nC = min(s.nearest_chans, C)
     sizes = [s.min_template_size * (i + 1) for i in range(s.template_sizes)]
-    near = nearest_channels(pos, nC, shank)
+    # (a shank smaller than nearest_chans clips every neighbourhood to its size: nC is what they hold)
+    near = nearest_channels(pos, min(s.nearest_chans, C), shank)
+    nC = near.shape[1]
     # the local-maximum test spans ~100 µm (Kilosort4 compares each position with its 100 nearest grid positions)
     d = channel_distances(pos, shank)
     n_peak = int(max(nC, (d <= peak_radius_um).sum(1).max()))

@@ -402,10 +402,10 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     K, C, nt = templates.shape
     pos = positions(white)
     shank = shanks(white)
-    nC = min(s.nearest_chans, C)
     rank = rank or s.n_pcs
     best = (templates.astype(np.float64) ** 2).sum(2).argmax(1) if K else np.zeros(0, int)
-    near = nearest_channels(pos, nC, shank)
+    near = nearest_channels(pos, min(s.nearest_chans, C), shank)
+    nC = near.shape[1]  # fewer than nearest_chans where a shank has fewer channels
     nearU = near[best] if K else np.zeros((0, nC), int)
     ctx = _context(templates, bases["pc"].values, nearU, pos, th=float(s.Th_learned), max_peels=int(s.max_peels),
                    nt0=s.nt0min_, device=s.device, threads=s.torch_threads,
