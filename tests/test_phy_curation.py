@@ -101,6 +101,16 @@ def test_drop_noise_drops_units_and_their_spikes(curated):
     assert set(clean.spike_unit.values.tolist()) == set(clean.unit.values.tolist())
     assert clean.sizes["spike"] == int(r.n_spikes.where(r.label != "noise", 0).sum())
     assert clean.similarity.shape == (clean.sizes["unit"],) * 2
+    kept = [r.unit.values.tolist().index(u) for u in clean.unit.values]
+    np.testing.assert_array_equal(clean.similarity.values, r.similarity.values[np.ix_(kept, kept)])
+    # select_units keeps the order it is given, rows and columns alike, with each unit's own spikes
+    ids = r.unit.values[[2, 0]]
+    two = sa.select_units(r, ids)
+    assert two.unit.values.tolist() == ids.tolist()
+    i = [r.unit.values.tolist().index(u) for u in ids]
+    np.testing.assert_array_equal(two.similarity.values, r.similarity.values[np.ix_(i, i)])
+    assert sorted(set(two.spike_unit.values.tolist())) == sorted(ids.tolist())
+    assert two.sizes["spike"] == int(r.n_spikes.sel(unit=ids).sum())
     np.testing.assert_array_equal(np.diff(clean.spike_time.values) >= 0, True)
     # the two-step idiom of docs/outputs.md gives the same
     keep = r.unit.values[r.label.values != "noise"]

@@ -288,9 +288,9 @@ def read_phy(folder: str | os.PathLike, *, recording: Any = "auto", max_spikes_p
     }
     amps = _load(f, "amplitudes.npy")
     sp = _load(f, "spike_positions.npy")
-    pcf, pfi = _load(f, "pc_features.npy"), _load(f, "pc_feature_ind.npy")
-    if (f / "pc_feature_spike_ids.npy").exists():
-        pcf = None
+    # features of a subset of spikes (pc_feature_spike_ids.npy) are not per spike: never loaded (they can be GBs)
+    pcf = None if (f / "pc_feature_spike_ids.npy").exists() else _load(f, "pc_features.npy")
+    pfi = _load(f, "pc_feature_ind.npy")
     _check_spike_lengths(f, {"spike_times.npy": len(st), **{n: len(a) for n, a in
                                                            (("amplitudes.npy", amps), ("spike_positions.npy", sp),
                                                             ("pc_features.npy", pcf)) if a is not None}})
