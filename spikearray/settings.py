@@ -343,6 +343,18 @@ class Settings:
         return cls(**data)
 
     @classmethod
+    def of_sorting(cls, sorting: Any) -> "Settings":
+        """The settings a Sorting Dataset was made with (its ``settings`` attr), with ``nt`` set to its template
+        length; the defaults (with that ``nt``) when it has none or they do not parse (a foreign Kilosort folder
+        read with :func:`spikearray.read_phy`)."""
+        nt = int(sorting.sizes["sample"]) if "sample" in sorting.sizes else None
+        try:
+            s = cls.from_json(sorting.attrs.get("settings", "{}"))
+        except SettingsError:
+            s = cls()
+        return s.replace(nt=nt) if nt is not None else s
+
+    @classmethod
     def coerce(cls, settings: "Settings | dict | None") -> "Settings":
         """Accept ``None`` (defaults), a dict (Kilosort4 or spikearray names) or a Settings."""
         if settings is None:

@@ -91,3 +91,17 @@ def test_command_line_flags_are_lower_case_with_the_old_gain_spelling_as_an_alia
     for flag in ("--gain-to-uv", "--gain-to-uV"):
         args = parser.parse_args(["info", "x.bin", "--n-channels", "4", flag, "0.5"])
         assert args.gain_to_uV == 0.5
+
+
+def test_of_sorting_reads_a_sortings_settings_and_falls_back_to_the_defaults():
+    import numpy as np
+    import xarray as xr
+
+    ds = xr.Dataset({"template": (("unit", "sample", "channel"), np.zeros((1, 41, 2)))},
+                    attrs={"settings": Settings(Th_universal=10.0).to_json()})
+    s = Settings.of_sorting(ds)
+    assert s.Th_universal == 10.0 and s.nt == 41 and s.nt0min_ == int(20 * 41 / 61)
+    ds.attrs["settings"] = "not json"  # a foreign folder read with read_phy
+    d = Settings.of_sorting(ds)
+    assert d.Th_universal == Settings().Th_universal and d.nt == 41 and d.highpass_cutoff == 300.0
+    assert Settings.of_sorting(xr.Dataset()).nt == Settings().nt

@@ -275,12 +275,8 @@ def to_sorting_analyzer(sorting: xr.Dataset | str | os.PathLike, recording: xr.D
     if float(recording.attrs["sampling_rate"]) != float(sorting.attrs["sampling_rate"]):
         raise RecordingError(f"the recording's rate {recording.attrs['sampling_rate']} Hz differs from the "
                              f"sorting's {sorting.attrs['sampling_rate']} Hz; pass the recording that was sorted.")
-    try:
-        s = Settings.from_json(sorting.attrs.get("settings", "{}"))
-        cutoff, car = float(s.highpass_cutoff), bool(s.do_CAR)
-        nt0min = int(s.replace(nt=int(sorting.sizes["sample"])).nt0min_)
-    except Exception:  # a read_phy of a foreign Kilosort folder
-        cutoff, car, nt0min = 300.0, True, int(20 * sorting.sizes["sample"] / 61)
+    s = Settings.of_sorting(sorting)
+    cutoff, car, nt0min = float(s.highpass_cutoff), bool(s.do_CAR), int(s.nt0min_)
     chans = np.asarray(sorting["channel"].values, np.int64)
     si_rec = to_spikeinterface_recording(recording, chans, highpass_hz=cutoff if preprocess else None,
                                          common_reference=car and preprocess)

@@ -130,14 +130,9 @@ def _channel_gains(sorting: xr.Dataset, recording: xr.DataArray | None) -> np.nd
 
 
 def _nt0min(sorting: xr.Dataset) -> int:
-    from ..errors import SpikearrayError
     from ..settings import Settings
 
-    nt = int(sorting.sizes.get("sample", 61))
-    try:
-        return int(Settings.from_json(sorting.attrs.get("settings", "{}")).replace(nt=nt).nt0min_)
-    except SpikearrayError:
-        return int(20 * nt / 61)
+    return int(Settings.of_sorting(sorting).nt0min_)
 
 
 def _unit_electrodes(template: np.ndarray, n: int) -> np.ndarray:

@@ -386,11 +386,8 @@ def _recompute_templates(ds: xr.Dataset, changed: list[int], recording: Any, *, 
     reader = _recording_for_templates(ds, recording, scale_known)
     if reader is None:
         return ds
-    try:
-        s = Settings.from_json(ds.attrs.get("settings", "{}"))
-        cutoff, car = float(s.highpass_cutoff), bool(s.do_CAR)
-    except Exception:  # a Kilosort folder: Kilosort4's defaults
-        cutoff, car = 300.0, True
+    s = Settings.of_sorting(ds)
+    cutoff, car = float(s.highpass_cutoff), bool(s.do_CAR)
     sub = select_units(ds, changed)
     C = ds.sizes["channel"]
     chans = {u: np.arange(C) for u in changed}

@@ -146,10 +146,7 @@ def sample_spike_waveforms(sorting: xr.Dataset, reader: Reader, channels: Mappin
 
     fs = float(sorting.attrs["sampling_rate"])
     nt = int(sorting.sizes["sample"])
-    try:
-        nt0min = Settings.from_json(sorting.attrs.get("settings", "{}")).replace(nt=nt).nt0min_
-    except SpikearrayError:
-        nt0min = int(20 * nt / 61)
+    nt0min = Settings.of_sorting(sorting).nt0min_
     pad = int(round(pad_ms * 1e-3 * fs))  # each side: absorbs the filter's edge transients
     sos = butter(3, highpass_hz, btype="highpass", fs=fs, output="sos")
     st = np.asarray(sorting["spike_time"].values, np.int64)
