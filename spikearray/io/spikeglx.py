@@ -103,10 +103,15 @@ def _counts(meta: dict[str, str], key: str, path: Path) -> list[int]:
     return counts
 
 
-def _parse_subset(text: str, n_saved: int, path: Path | None = None) -> np.ndarray:
-    """``snsSaveChanSubset`` (``all`` or a printer-style list such as ``0:383,768``) as acquired channel ids."""
+def _parse_subset(text: str, saved: list[int], acquired: list[int], path: Path) -> np.ndarray:
+    """``snsSaveChanSubset`` (``all`` or a printer-style list such as ``0:383,768``) as acquired channel ids.
+
+    ``saved``/``acquired``: the AP, LF, SY counts of ``snsApLfSy``/``acqApLfSy``. ``all`` is every saved channel
+    in file order AP, LF, SY, each kind numbered from where it starts among the acquired ones.
+    """
     if text.strip().lower() == "all":
-        return np.arange(n_saved)
+        ap, lf = acquired[0], acquired[1]
+        return np.r_[np.arange(saved[0]), ap + np.arange(saved[1]), ap + lf + np.arange(saved[2])].astype(np.int64)
     out: list[int] = []
     expected = "'all' or a list of channel ids and inclusive ranges such as 0:383,768"
     try:
@@ -124,9 +129,9 @@ def _parse_subset(text: str, n_saved: int, path: Path | None = None) -> np.ndarr
                 if not 0 <= out[-1] < _MAX_CHANNEL_ID:
                     raise ValueError(item)
     except ValueError:
-        raise _bad(path or Path(".meta"), "snsSaveChanSubset", text, expected) from None
+        raise _bad(path, "snsSaveChanSubset", text, expected) from None
     if len(set(out)) != len(out):
-        raise _bad(path or Path(".meta"), "snsSaveChanSubset", text, expected + ", each channel once")
+        raise _bad(path, "snsSaveChanSubset", text, expected + ", each channel once")
     return np.asarray(out, dtype=np.int64)
 
 
@@ -429,11 +434,7 @@ def spikeglx_info(path: str | Path) -> SpikeGLXInfo:
     if sum(counts) != n_saved:
         raise MetaFileError(f"{meta_path}: snsApLfSy={counts} sums to {sum(counts)} but nSavedChans={n_saved}.")
     acq = _counts(meta, "acqApLfSy" if "acqApLfSy" in meta else "snsApLfSy", meta_path)
-    subset = meta.get("snsSaveChanSubset", "all")
-    if subset.strip().lower() == "all":  # every acquired channel, in file order AP, LF, SY
-        orig = np.r_[np.arange(counts[0]), acq[0] + np.arange(counts[1]), acq[0] + acq[1] + np.arange(counts[2])]
-    else:
-        orig = _parse_subset(subset, n_saved, meta_path)
+    orig = _parse_subset(meta.get("snsSaveChanSubset", "all"), counts, acq, meta_path)
     if len(orig) != n_saved:
         raise MetaFileError(
             f"{meta_path}: snsSaveChanSubset lists {len(orig)} channels but nSavedChans={n_saved}."
