@@ -189,3 +189,29 @@ def test_cli_export_nwb(sorted_session, tmp_path, capsys):
         io.close()
     rc = main(["export-nwb", str(sorted_session["out"]), "--out", str(tmp_path / "b.nwb")])
     assert rc == 2 and "--subject-id" in capsys.readouterr().err
+
+
+def test_full_disk_raises_disk_full_and_leaves_nothing(small_recording, tmp_path, monkeypatch):
+    import errno
+
+    from spikearray.errors import DiskFullError
+
+    rec, truth = small_recording
+    s = make_sorting(rec, truth)
+
+    def full(self, *args, **kwargs):  # what h5py raises when a write hits ENOSPC (its OSError carries errno 28)
+        raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: errno = 28, "
+                                    "error message = 'No space left on device')")
+
+    monkeypatch.setattr(pynwb.NWBHDF5IO, "write", full)
+    with pytest.raises(DiskFullError, match=r"NWB file .*a\.nwb.*partial file was deleted"):
+        sa.export_nwb(s, tmp_path / "a.nwb", subject=SUBJECT, session_start_time="2024-05-01T13:30:00+00:00")
+    assert list(tmp_path.iterdir()) == []
+
+    def broken(self, *args, **kwargs):  # any other failure keeps its own type
+        raise ValueError("not a disk problem")
+
+    monkeypatch.setattr(pynwb.NWBHDF5IO, "write", broken)
+    with pytest.raises(ValueError, match="not a disk problem"):
+        sa.export_nwb(s, tmp_path / "a.nwb", subject=SUBJECT, session_start_time="2024-05-01T13:30:00+00:00")
+    assert list(tmp_path.iterdir()) == []
