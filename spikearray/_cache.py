@@ -114,7 +114,7 @@ def write_int16(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 
     dask client (its workers must share the filesystem) or the threaded scheduler (:mod:`spikearray._engine`).
     """
     from ._engine import compute_tasks
-    from .export._atomic import disk_full_cause, disk_full_error, free_bytes
+    from .export._atomic import atomic_file, free_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,21 +122,14 @@ def write_int16(white: xr.DataArray, path: str | os.PathLike, *, scale: float = 
     tmp = path.with_name(path.name + ".partial")
     tmp.unlink(missing_ok=True)
     require_space_for_int16(tmp, (n, c))
-    free = free_bytes(tmp)
-    try:
+    with atomic_file(path, tmp, what="the preprocessed int16 copy", needed=int16_bytes((n, c)),
+                     free=free_bytes(tmp), exact=True):
         with open(tmp, "wb") as f:
             _reserve(f, int16_bytes((n, c)))
         data = white.data
         tokens = data.map_blocks(_write_block, float(scale), str(tmp), (n, c), dtype=np.int8,
                                  chunks=((1,) * len(data.chunks[0]), (1,)), name="store-" + tmp.name)
         compute_tasks(list(tokens.to_delayed().ravel()), desc="preprocess")
-        tmp.replace(path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)  # never leave a file of hours' size that no reader will use
-        if disk_full_cause(e) is None:
-            raise
-        raise disk_full_error(path, int16_bytes((n, c)), "the preprocessed int16 copy", free=free,
-                              kept="The partial file was deleted. ", exact=True) from e
     return path
 
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from ..errors import DiskFullError, OutputError, OutputExistsError
 
-__all__ = ["atomic_dir", "PARTIAL_MARK", "partial_siblings", "free_bytes", "require_free_space", "disk_full_cause",
+__all__ = ["atomic_dir", "atomic_file", "PARTIAL_MARK", "partial_siblings", "free_bytes", "require_free_space", "disk_full_cause",
            "disk_full_error", "format_bytes"]
 
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -111,6 +111,28 @@ def partial_siblings(final: Path) -> list[Path]:
         return []
     return sorted(p for p in final.parent.iterdir()
                   if p.name.startswith(final.name + PARTIAL_MARK) or p.name.startswith(final.name + _OLD_MARK))
+
+
+@contextmanager
+def atomic_file(final: str | os.PathLike, tmp: str | os.PathLike, *, what: str, needed: int | None = None,
+                free: int | None = None, exact: bool = False) -> Iterator[Path]:
+    """Yield ``tmp`` for the block to write; move it onto ``final`` when the block exits cleanly.
+
+    On any failure ``tmp`` is deleted (a file of hours' size that no reader will use must not stay behind) and
+    the exception propagates; a full disk (``ENOSPC``/``EDQUOT`` anywhere in its chain) is raised as
+    :class:`DiskFullError` naming ``final``, ``needed`` (``exact``: the exact size) and ``free`` (the free
+    space when the write began; measured now when not given).
+    """
+    final, tmp = Path(final), Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full_cause(e) is None:
+            raise
+        raise disk_full_error(final, needed, what, free=free, kept="The partial file was deleted. ",
+                              exact=exact) from e
 
 
 @contextmanager

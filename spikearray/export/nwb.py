@@ -36,7 +36,7 @@ import xarray as xr
 from .._version import __version__
 from ..errors import MetadataError, OutputError, OutputExistsError
 from ..geometry import uV_gains
-from ._atomic import disk_full_cause, disk_full_error
+from ._atomic import atomic_file
 from ._extras import require
 
 __all__ = ["export_nwb", "NWB_UNIT_COLUMNS"]
@@ -384,17 +384,7 @@ def export_nwb(sorting: xr.Dataset | str | os.PathLike, path: str | os.PathLike,
 
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}.nwb")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_file(path, tmp, what="NWB file"):  # h5py's OSError on a full disk carries errno 28
         with pynwb.NWBHDF5IO(str(tmp), "w") as io:
             io.write(nwb)
-        os.replace(tmp, path)
-    except BaseException as e:
-        # h5py wraps the OS error in its own; a full disk must still read as one (the same error as the
-        # Zarr and Phy writers raise), with the partial file gone
-        if disk_full_cause(e) is None:
-            raise
-        raise disk_full_error(path, None, "NWB file", kept="The partial file was deleted. ") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
