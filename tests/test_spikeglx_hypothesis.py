@@ -161,3 +161,13 @@ def test_save_subset_all_maps_columns_in_ap_lf_sy_order(tmp_path):
     meta["snsSaveChanSubset"] = "all"  # NP1.0 acquires 384 AP + 384 LF + 1 SY; the .ap.bin holds AP + SY
     rec = sa.open_recording(_write(tmp_path, meta))
     assert rec.sizes["channel"] == 384 and rec.attrs["sync_columns"] == [384]
+
+
+def test_probe_type_that_disagrees_with_the_imro_table_names_both(tmp_path):
+    """The case hypothesis found: an NP1 ~imroTbl under imDatPrb_type=1110 (whose entries have other fields)."""
+    from spikearray.errors import MetaFileError
+
+    meta = np1_meta(N)
+    meta["imDatPrb_type"] = "1110"
+    with pytest.raises(MetaFileError, match=r"imroTbl.*probe type 1110 has them \(imDatPrb_type=1110\).*disagree"):
+        sa.open_recording(_write(tmp_path, meta))

@@ -195,9 +195,13 @@ def _ap_gains(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path)
     """AP gain of each readout channel, by the first rule of formats.md §1.4 that applies."""
     try:
         return _ap_gains_unchecked(meta, ptype, readout, path)
-    except (_TableError, IndexError) as e:
+    except _TableError as e:
         raise _bad(path, "~imroTbl", meta.get("imroTbl", ""),
                    f"integer fields in every entry (the field {str(e)!r} is not one)") from None
+    except IndexError:  # entries shorter than this probe type's layout: the type or the table is wrong
+        raise _bad(path, "~imroTbl", meta.get("imroTbl", ""),
+                   f"entries laid out as probe type {ptype} has them (imDatPrb_type="
+                   f"{meta.get('imDatPrb_type', 'absent')}); the table and imDatPrb_type disagree") from None
 
 
 def _ap_gains_unchecked(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path) -> np.ndarray:
