@@ -4,7 +4,9 @@ import numpy as np
 import xarray as xr
 
 from spikearray._cache import materialize
-from spikearray.clustering.merge import absorb_fragments, ccg_merge, drift_merge, redundant_units, remove_duplicates
+from spikearray.clustering.merge import (absorb_fragments, ccg_merge, denoised_templates, drift_merge, redundant_units,
+                                        remove_duplicates)
+from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.templates import mean_waveforms
 
 FS = 30000.0
@@ -46,6 +48,69 @@ def test_drift_merge_joins_pieces_that_take_turns_in_time():
     T = _templates(rng, 3)
     _, uu, parent = drift_merge(tt, u, T, bin_samples=int(2 * FS))
     assert parent[0] == parent[1] and parent[2] == 2
+
+
+def _noisy_means(rng, signal, counts, C=64):
+    """Means of ``counts[k]`` whitened spikes of ``signal`` (on the first channels of C) in unit noise."""
+    nt = signal.shape[1]
+    out = np.zeros((len(counts), C, nt))
+    for k, n in enumerate(counts):
+        out[k, : len(signal)] = signal
+        out[k] += rng.standard_normal((C, nt)) / np.sqrt(n)
+    return out.astype(np.float32)
+
+
+def test_denoised_templates_zero_the_channels_that_hold_only_averaging_noise():
+    rng = np.random.default_rng(5)
+    sig = np.zeros((4, 31))
+    sig[:, 10:14] = [[-3, -6, -3, 1], [-2, -4, -2, 1], [-1, -2, -1, 0.5], [-1, -1.5, -1, 0.5]]
+    T = _noisy_means(rng, sig, [25, 2000])
+    clean = denoised_templates(T, np.array([25, 2000]))
+    assert clean[:, :4].any(axis=2).all()  # every signal channel kept, for the small unit too
+    assert clean[:, 4:].any(axis=2).sum() <= 2  # of 2 x 60 noise channels, at most a couple survive
+    # the small unit's similarity to the big one is its waveform's, not its spike count's
+    raw, _ = template_similarity(T, 5)
+    den, _ = template_similarity(clean, 5)
+    assert raw[0, 1] < 0.8 and den[0, 1] > 0.95
+
+
+def test_drift_merge_joins_a_small_piece_whose_raw_mean_is_mostly_noise():
+    rng = np.random.default_rng(6)
+    t = _train(rng, 10, 60)
+    late = t > 50 * FS  # the last 10 s of one neuron went to a second template (~100 spikes)
+    other = _train(rng, 10, 60)
+    sig = np.zeros((4, 31))
+    sig[:, 10:14] = [[-3, -6, -3, 1], [-2, -4, -2, 1], [-1, -2, -1, 0.5], [-1, -1.5, -1, 0.5]]
+    sig *= 0.5  # a small unit: its 100-spike mean has as much noise as signal over 64 channels
+    other_sig = np.roll(sig, 2, axis=0)  # a neighbour: same shape two channels away
+    T = np.concatenate([_noisy_means(rng, sig, [(~late).sum(), late.sum()]), _noisy_means(rng, other_sig, [len(other)])])
+    assert template_similarity(T, 5)[0][0, 1] < 0.8  # the raw means would not pass drift_merge's threshold
+    tt = np.r_[t, other]
+    u = np.r_[late.astype(np.int64), np.full(len(other), 2)]
+    _, _, parent = drift_merge(tt, u, T, bin_samples=int(2 * FS))
+    assert parent[1] == parent[0] and parent[2] == 2
+
+
+def _binned_pair(counts_a, counts_b, bin_s=2.0):
+    """Spike times (samples) of two units with the given spikes per bin, evenly spread within each bin."""
+    t, u = [], []
+    for unit, counts in ((0, counts_a), (1, counts_b)):
+        for i, n in enumerate(counts):
+            t.append(np.round((i + (np.arange(n) + 0.5 + 0.25 * unit) / n) * bin_s * FS).astype(np.int64))
+            u.append(np.full(n, unit))
+    return np.concatenate(t), np.concatenate(u)
+
+
+def test_drift_merge_wants_an_anticorrelation_that_chance_cannot_give_over_few_bins():
+    a = np.array([20, 24, 16, 22, 18, 25, 15, 20, 21, 19])
+    b = np.array([20, 17, 22, 20, 21, 18, 20, 23, 18, 21])
+    r = np.corrcoef(a, b)[0, 1]
+    assert -0.8 < r < -0.4  # more negative than max_rate_correlation, within chance for 10 bins
+    T = _templates(np.random.default_rng(7), 2)
+    t, u = _binned_pair(a, b)
+    assert drift_merge(t, u, T, bin_samples=int(2 * FS))[2][1] == 1  # 20 s: kept apart
+    t, u = _binned_pair(np.tile(a, 6), np.tile(b, 6))
+    assert drift_merge(t, u, T, bin_samples=int(2 * FS))[2][1] == 0  # the same pattern over 120 s: merged
 
 
 def test_absorb_fragments_folds_a_small_refractory_piece():
