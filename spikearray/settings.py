@@ -123,6 +123,11 @@ PARAMETERS: tuple[Param, ...] = (
     Param("Th_learned", 6.0, _NUM, "matching", "whitened SD",
           "matching-pursuit threshold, compared as Th² with the variance a template explains (Kilosort4: 8; 6 "
           "keeps the 40–50 µV units' recall above 0.95 at unchanged precision on our ground truth)", 0),
+    Param("Th_bounded", 4.5, _NUM, "matching", "whitened SD",
+          "matching threshold for a spike whose amplitude scale is 0.7-1.4 times its template's (a spike of the "
+          "unit's own size); values >= Th_learned turn it off (Kilosort4 has no such rule). 4.5 took the 20-30 uV "
+          "units of the dense paper set from 4 to 8 well detected and false-positive units from 8 to 4; GT-A and "
+          "GT-B 32 -> 33 of 35", 0),
     Param("nt", 61, (int,), "detection", "samples", "waveform length; must be odd", 11, 301),
     Param("nt0min", None, (int,), "detection", "samples", "trough index within a waveform (default int(20*nt/61))", 0),
     Param("dmin", None, _NUM, "detection", "µm", "vertical spacing of template positions is dmin/2 (default: median pitch)", 0.1),
@@ -190,7 +195,7 @@ def _warn_ignored(values: dict[str, Any], stacklevel: int = 3) -> None:
                       IgnoredSettingWarning, stacklevel=stacklevel)
 
 #: Kilosort4's defaults where spikearray's measured better and differ (see each Param's doc).
-KILOSORT4_DEFAULTS = {"nblocks": 1, "Th_universal": 9.0, "Th_learned": 8.0}
+KILOSORT4_DEFAULTS = {"nblocks": 1, "Th_universal": 9.0, "Th_learned": 8.0, "Th_bounded": 8.0}
 
 
 def _check(p: Param, value: Any) -> Any:

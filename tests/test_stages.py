@@ -28,11 +28,40 @@ def test_fft_correlation_matches_numpy():
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
-def _ctx(U, pcs, th=1.0, drop_tol=0.0, positions=None):
+def _ctx(U, pcs, th=1.0, drop_tol=0.0, positions=None, th_low=None, amp_range=(1.0, 1.0)):
     K, C, nt = U.shape
     pos = positions if positions is not None else np.c_[np.zeros(C), 20.0 * np.arange(C)]
     return _context(U, pcs, np.zeros((K, 4), dtype=np.int64), pos, th=th, max_peels=20, nt0=20,
-                    device=torch.device("cpu"), threads=1, rank=6, drop_tol=drop_tol)
+                    device=torch.device("cpu"), threads=1, rank=6, drop_tol=drop_tol, th_low=th_low,
+                    amp_range=amp_range)
+
+
+def test_a_small_units_full_size_spikes_pass_the_bounded_threshold_and_noise_does_not():
+    """A template of norm 5.5 (whitened SD) in unit noise: its spikes score 5.5 ± 1, so Th_learned = 6 keeps
+    about a third of them; the bounded rule (score >= 4.5 at a scale of 0.7-1.4) keeps most, and adds no
+    spike where none was planted, on it or on a large template (which noise can never fit at scale 0.7)."""
+    from spikearray.matching.peel import BOUNDED_SCALE
+
+    rng = np.random.default_rng(11)
+    C, nt, nt0, n = 8, 61, 20, 200
+    pcs = np.linalg.qr(rng.standard_normal((nt, 6)))[0].T.astype(np.float32)
+    # rank-one templates: the low-rank store keeps them whole, so a planted spike scores |U| plus unit noise
+    U = (rng.standard_normal((2, C, 1)) @ pcs[:1]).astype(np.float32)
+    U[0] *= 5.5 / np.linalg.norm(U[0])
+    U[1] *= 20.0 / np.linalg.norm(U[1])
+    L = 300 * (n + 2)
+    x = rng.standard_normal((C, L)).astype(np.float32)
+    planted = 300 * np.arange(1, n + 1)
+    for t in planted:
+        x[:, t - nt0:t - nt0 + nt] += U[0]
+    found = {}
+    for name, th_low in (("single", None), ("bounded", 4.5)):
+        out = _match_block(x.T.copy(), ChunkInfo(0, L, 0), _ctx(U, pcs, th=6.0, th_low=th_low, amp_range=BOUNDED_SCALE))
+        near = np.abs(out["time"][:, None] - planted[None, :]).min(1) <= 2
+        found[name] = int((near & (out["template"] == 0)).sum())
+        assert (~near).sum() <= 2, name  # spikes where none was planted: noise crossing 6 or 4.5 at its scale
+    assert found["single"] < 0.5 * n
+    assert found["bounded"] > 0.8 * n
 
 
 def test_matching_pursuit_recovers_overlapping_planted_spikes():

@@ -3,7 +3,8 @@
 Kilosort4 (§2.8) correlates the data with every template, then repeatedly accepts the time points where the
 best template explains a local maximum of variance above ``Th_learned²`` and subtracts the fitted templates
 (from the data and, through precomputed template cross-correlations, from the correlation scores), up to
-``max_peels`` times. We do the same with two changes that make it cheap on a CPU:
+``max_peels`` times. We do the same with changes that make it cheap on a CPU, and one that keeps the spikes of
+small units:
 
 * each template is stored in low-rank spatio-temporal form (SVD, as few components as leave less than one
   noise SD out), so the correlation is one small matrix product over channels, one FFT per component and
@@ -11,6 +12,12 @@ best template explains a local maximum of variance above ``Th_learned²`` and su
 * each template keeps only the channels that carry its energy (the weakest ones are dropped up to a left-out
   norm of half the threshold), so on a 384-channel probe the correlation is a product over a few dozen
   channels per group of templates, and a fitted spike updates only the templates it overlaps;
+* a spike whose amplitude scale is that of the template itself (``BOUNDED_SCALE``, 0.7–1.4) is accepted from
+  the lower score ``Th_bounded`` (4.5): a 28 µV unit's template has a norm of only ~6–7 whitened SD, so at
+  ``Th_learned`` = 6 half its spikes were lost to noise (recall 0.54–0.77 at precision ~1 on the dense paper
+  set), while Kilosort4's single threshold, lowered to 5 for everyone, let large templates fit partial
+  residuals and raised false-positive units. The idea of bounding the amplitude of an accepted fit is
+  SpikeInterface's (circus-omp, and Lupin's matching); the two-threshold rule is ours;
 * subtraction from the score array uses the exact template cross-correlations of the low-rank sparse templates
   (consistent algebra: what is subtracted is what was fitted), and after the first pass the best template is
   re-evaluated only at the samples those subtractions changed.
@@ -115,6 +122,11 @@ def sparsify(spatial: np.ndarray, rows: np.ndarray, n_templates: int, tol: float
 
 
 _ROW_GROUP = 48  # rows per correlation product (bounds the (rows, frequency) arrays)
+#: Amplitude scales (``B / |U|²``) at which a spike needs only ``Th_bounded`` instead of ``Th_learned``: a
+#: spike of a unit's own size. Noise alone reaches a scale of 0.7 on a template only if its score is 0.7 |U|,
+#: so the lower threshold changes nothing for templates with |U| above Th_learned / 0.7 (8.6 whitened SD at
+#: the default 6): it reaches only the small units, whose full-size spikes score close to the threshold.
+BOUNDED_SCALE = (0.7, 1.4)
 _DROP_FRACTION = 0.5  # sparsify's tol as a fraction of Th_learned: what is left out can never pass on its own
 _NOISE_FACTOR = 1.0  # dropped energy allowed per channel, in units of the template's noise floor
 _SPIKE_BATCH = 512  # spikes per batched score/residual update (bounds the index arrays)
@@ -165,6 +177,8 @@ class _MatchContext:
     nt: int
     nt0: int
     th: float
+    th_low: float  # a spike whose scale lies in amp_range needs only this score (>= th: off)
+    amp_range: tuple[float, float]
     max_peels: int
     Tm: np.ndarray  # (n_rows, nt) temporal factors
     rows: np.ndarray  # (n_rows,) template of each row
@@ -198,7 +212,8 @@ def _tensors(ctx: _MatchContext, dev: torch.device) -> dict[str, Any]:
 
 def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, positions: np.ndarray, *, th: float,
              max_peels: int, nt0: int, device: str | torch.device, threads: int | None, rank: int,
-             drop_tol: float) -> _MatchContext:
+             drop_tol: float, th_low: float | None = None,
+             amp_range: tuple[float, float] = (1.0, 1.0)) -> _MatchContext:
     """Everything a chunk needs, computed once: low-rank sparse factors, their row groups, the exact template
     cross-correlations restricted to overlapping pairs, and the per-template channel supports."""
     K, C, nt = templates.shape
@@ -225,7 +240,9 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
         np.zeros((0, 1, nt), np.float32)
     ur_near = np.take_along_axis(Ur, nearU[:, :, None], axis=1) if K else np.zeros((0, nearU.shape[1], nt), np.float32)
     return _MatchContext(
-        device=str(device), threads=threads, nt=nt, nt0=int(nt0), th=float(th), max_peels=int(max_peels),
+        device=str(device), threads=threads, nt=nt, nt0=int(nt0), th=float(th),
+        th_low=float(th if th_low is None else th_low), amp_range=(float(amp_range[0]), float(amp_range[1])),
+        max_peels=int(max_peels),
         Tm=np.ascontiguousarray(temporal), rows=np.ascontiguousarray(rows),
         row_ranges=tuple((int(r0), int(r1)) for r0, r1, _ in groups),
         group_channels=tuple(ch for _, _, ch in groups),
@@ -283,6 +300,8 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
         bs = irfft(Bf, n=n)[:, shift:shift + L] * inv_norm[:, None]
         del Bf
         th2 = ctx.th ** 2
+        thl2 = ctx.th_low ** 2
+        a_lo, a_hi = ctx.amp_range
         lo, hi = nt, L - nt
         valid = torch.zeros(L, dtype=torch.bool, device=dev)
         valid[lo:max(lo, hi)] = True
@@ -294,7 +313,11 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
         times, ids, amps, scores = [], [], [], []
         for _ in range(ctx.max_peels):
             pooled = F.max_pool1d(Cfmax[None, None], 2 * nt + 1, stride=1, padding=nt)[0, 0]
-            t = torch.nonzero((Cfmax >= pooled) & (Cfmax > th2), as_tuple=True)[0]
+            ok = Cfmax > th2
+            if thl2 < th2:
+                scale = Cfmax.sqrt() * inv_norm[kbest]
+                ok |= (Cfmax > thl2) & (scale >= a_lo) & (scale <= a_hi)
+            t = torch.nonzero((Cfmax >= pooled) & ok, as_tuple=True)[0]
             if len(t) == 0:
                 break
             k = kbest[t]
@@ -374,7 +397,7 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     bases : xarray.Dataset
         Temporal PCs (``pc``) for the spike features.
     settings : Settings
-        Uses ``Th_learned``, ``max_peels``, ``nt``, ``nt0min``, ``nearest_chans``, ``device``, ``torch_threads``.
+        Uses ``Th_learned``, ``Th_bounded``, ``max_peels``, ``nt``, ``nt0min``, ``nearest_chans``, ``device``, ``torch_threads``.
     rank : int, optional
         Largest rank of the spatio-temporal template approximation (default ``n_pcs``); each template uses
         the fewest components that leave less than one noise SD out (see :func:`low_rank`). What is fitted
@@ -407,7 +430,8 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     near = nearest_channels(pos, min(s.nearest_chans, C), shank)
     nC = near.shape[1]  # fewer than nearest_chans where a shank has fewer channels
     nearU = near[best] if K else np.zeros((0, nC), int)
-    ctx = _context(templates, bases["pc"].values, nearU, pos, th=float(s.Th_learned), max_peels=int(s.max_peels),
+    ctx = _context(templates, bases["pc"].values, nearU, pos, th=float(s.Th_learned), th_low=float(s.Th_bounded),
+                   amp_range=BOUNDED_SCALE, max_peels=int(s.max_peels),
                    nt0=s.nt0min_, device=s.device, threads=s.torch_threads,
                    rank=rank, drop_tol=_DROP_FRACTION * float(s.Th_learned) if sparse else 0.0)
     # one task per chunk on the current dask client or the threaded scheduler; ctx is one graph key
