@@ -38,6 +38,9 @@ PUBLIC_SETS: dict[str, list[str]] = {
              "--num-units", "35", "--drift", "none", "--noise-level", "8"],
     "GT-B": ["--seed", "42", "--duration", "120", "--num-channels", "64", "--layout", "np1",
              "--num-units", "35", "--drift", "nonrigid", "--drift-amplitude", "25", "--noise-level", "8"],
+    # the dense-data issue's noisier static set: GT-A's recipe at 12 uV of noise instead of 8
+    "GT-N12": ["--seed", "42", "--duration", "120", "--num-channels", "64", "--layout", "np1",
+               "--num-units", "35", "--drift", "none", "--noise-level", "12"],
     "P128-static": ["--probe", "Neuropixels1-128", "--units", "250", "--duration", "100", "--seed", "2205"],
     "P128-drift": ["--probe", "Neuropixels1-128", "--units", "250", "--duration", "100", "--seed", "2205",
                    "--drift"],

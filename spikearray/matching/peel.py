@@ -16,8 +16,9 @@ small units:
   the lower score ``Th_bounded`` (4.5): a 28 µV unit's template has a norm of only ~6–7 whitened SD, so at
   ``Th_learned`` = 6 half its spikes were lost to noise (recall 0.54–0.77 at precision ~1 on the dense paper
   set), while Kilosort4's single threshold, lowered to 5 for everyone, let large templates fit partial
-  residuals and raised false-positive units. The idea of bounding the amplitude of an accepted fit is
-  SpikeInterface's (circus-omp, and Lupin's matching); the two-threshold rule is ours;
+  residuals and raised false-positive units. Judging a fit by its amplitude as well as its score is
+  SpikeInterface's idea (Lupin's "wobble" prior on the scale, circus-omp's bounds); the two-threshold rule
+  is ours;
 * subtraction from the score array uses the exact template cross-correlations of the low-rank sparse templates
   (consistent algebra: what is subtracted is what was fitted), and after the first pass the best template is
   re-evaluated only at the samples those subtractions changed.
