@@ -25,9 +25,10 @@ def dense():
 def test_dense_recording_well_detected_count_and_false_positive_ceiling(dense):
     sorting, truth = dense
     cmp = compare_to_truth(sorting, truth)
-    # measured 37/60 with 4 false-positive units (29/60 and 0 before the final clustering and merge changes)
-    assert cmp.attrs["n_well_detected"] >= 35
-    assert cmp.attrs["n_false_positive"] <= 5
+    # measured 38/60 with 3 false-positive units (2026-12-04: denoised merges and Th_bounded; 37/4 before them,
+    # 29/60 and 0 before the final clustering and merge changes); one unit of margin for floating-point order
+    assert cmp.attrs["n_well_detected"] >= 37
+    assert cmp.attrs["n_false_positive"] <= 4
 
 
 def test_dense_recording_every_large_unit_is_well_detected(dense):
