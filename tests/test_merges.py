@@ -83,7 +83,8 @@ def test_drift_merge_joins_a_small_piece_whose_raw_mean_is_mostly_noise():
     sig[:, 10:14] = [[-3, -6, -3, 1], [-2, -4, -2, 1], [-1, -2, -1, 0.5], [-1, -1.5, -1, 0.5]]
     sig *= 0.5  # a small unit: its 100-spike mean has as much noise as signal over 64 channels
     other_sig = np.roll(sig, 2, axis=0)  # a neighbour: same shape two channels away
-    T = np.concatenate([_noisy_means(rng, sig, [(~late).sum(), late.sum()]), _noisy_means(rng, other_sig, [len(other)])])
+    T = np.concatenate([_noisy_means(rng, sig, [(~late).sum(), late.sum()]),
+                        _noisy_means(rng, other_sig, [len(other)])])
     assert template_similarity(T, 5)[0][0, 1] < 0.8  # the raw means would not pass drift_merge's threshold
     tt = np.r_[t, other]
     u = np.r_[late.astype(np.int64), np.full(len(other), 2)]

@@ -398,7 +398,8 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     bases : xarray.Dataset
         Temporal PCs (``pc``) for the spike features.
     settings : Settings
-        Uses ``Th_learned``, ``Th_bounded``, ``max_peels``, ``nt``, ``nt0min``, ``nearest_chans``, ``device``, ``torch_threads``.
+        Uses ``Th_learned``, ``Th_bounded``, ``max_peels``, ``nt``, ``nt0min``, ``nearest_chans``, ``device``,
+        ``torch_threads``.
     rank : int, optional
         Largest rank of the spatio-temporal template approximation (default ``n_pcs``); each template uses
         the fewest components that leave less than one noise SD out (see :func:`low_rank`). What is fitted
