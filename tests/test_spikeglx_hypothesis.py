@@ -171,3 +171,16 @@ def test_probe_type_that_disagrees_with_the_imro_table_names_both(tmp_path):
     meta["imDatPrb_type"] = "1110"
     with pytest.raises(MetaFileError, match=r"imroTbl.*probe type 1110 has them \(imDatPrb_type=1110\).*disagree"):
         sa.open_recording(_write(tmp_path, meta))
+
+
+def test_a_short_shank_map_passed_over_for_the_imro_table_names_the_imro_table(tmp_path):
+    """~snsShankMap listing fewer channels than the file holds is passed over for ~imroTbl; a bad ~imroTbl entry
+    must then be reported as the ~imroTbl's, not as the map's (the message named the table that was not read)."""
+    from spikearray.errors import MetaFileError
+
+    meta = np1_meta(N, geom=False)
+    meta["~snsShankMap"] = "(1,2,480)" + "".join(f"(0:{c % 2}:{c // 2}:1)" for c in range(10))
+    meta["~imroTbl"] = meta["~imroTbl"].replace("(5 0 0 500 250 1)", "(5 x 0 500 250 1)")
+    with pytest.raises(MetaFileError, match=r"~imroTbl") as err:
+        sa.open_recording(_write(tmp_path, meta))
+    assert "snsShankMap" not in str(err.value)

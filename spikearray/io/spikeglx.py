@@ -243,7 +243,7 @@ def _ap_gains_unchecked(meta: dict[str, str], ptype: int, readout: np.ndarray, p
 
 def _geometry(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path) -> tuple[np.ndarray, ...]:
     """x, y (µm), shank and contact ids of the saved neural channels, in file order."""
-    key = "snsGeomMap" if "snsGeomMap" in meta else "snsShankMap" if "snsShankMap" in meta else "imroTbl"
+    key = _geometry_table(meta, len(readout))
     try:
         out = _geometry_unchecked(meta, ptype, readout, path)
     except (_TableError, ValueError, IndexError) as e:
@@ -257,9 +257,20 @@ def _geometry(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path)
     return out
 
 
+def _geometry_table(meta: dict[str, str], n: int) -> str:
+    """The table the positions come from: ``snsGeomMap``, else ``snsShankMap`` when it lists every saved neural
+    channel, else ``imroTbl`` (so that an error names the table that was read, not one that was passed over)."""
+    if "snsGeomMap" in meta:
+        return "snsGeomMap"
+    if "snsShankMap" in meta and len(_entries(meta["snsShankMap"], "snsShankMap")[1]) >= n:
+        return "snsShankMap"
+    return "imroTbl"
+
+
 def _geometry_unchecked(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path) -> tuple[np.ndarray, ...]:
     n = len(readout)
-    if "snsGeomMap" in meta:
+    table = _geometry_table(meta, n)
+    if table == "snsGeomMap":
         head, rows = _entries(meta["snsGeomMap"], "snsGeomMap", path)
         hf = head.split(",")
         pitch = _table_float(hf[2]) if len(hf) > 2 else 0.0
@@ -275,20 +286,19 @@ def _geometry_unchecked(meta: dict[str, str], ptype: int, readout: np.ndarray, p
         ids = np.array([f"s{s}c{c}" for s, c in zip(sh, readout)])
         return np.array(x), np.array(z), sh_a, ids
     np1 = ptype in NP1_TYPES
-    if "snsShankMap" in meta:
+    if table == "snsShankMap":
         _, rows = _entries(meta["snsShankMap"], "snsShankMap", path)
-        if len(rows) >= n:
-            sh, x, z = [], [], []
-            for r in rows[:n]:
-                s, c, rr = (_table_int(v) for v in r.split(":")[:3])
-                if np1:
-                    xx, zz = (27 if rr % 2 == 0 else 11) + 32 * c, 20.0 * rr
-                else:
-                    xx, zz = 27 + 32 * c, 15.0 * rr
-                sh.append(s)
-                x.append(250.0 * s + xx)
-                z.append(zz)
-            return np.array(x, float), np.array(z, float), np.array(sh), np.array([""] * n)
+        sh, x, z = [], [], []
+        for r in rows[:n]:
+            s, c, rr = (_table_int(v) for v in r.split(":")[:3])
+            if np1:
+                xx, zz = (27 if rr % 2 == 0 else 11) + 32 * c, 20.0 * rr
+            else:
+                xx, zz = 27 + 32 * c, 15.0 * rr
+            sh.append(s)
+            x.append(250.0 * s + xx)
+            z.append(zz)
+        return np.array(x, float), np.array(z, float), np.array(sh), np.array([""] * n)
     if "imroTbl" in meta:
         _, rows = _entries(meta["imroTbl"], "imroTbl", path)
         by_chan = {_table_int(r.split()[0]): r.split() for r in rows if r.split()}
