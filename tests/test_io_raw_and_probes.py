@@ -160,3 +160,14 @@ def test_isel_reads_only_that_slice(tmp_path, monkeypatch):
     np.testing.assert_array_equal(part, d[125_000:126_000])
     touched = sorted({(r.start, r.stop) for r in rows})
     assert all(120_000 <= a and b <= 130_000 for a, b in touched), touched
+
+
+def test_the_summary_gives_the_data_size_in_the_binary_units_of_the_disk_messages():
+    from spikearray._format import format_bytes
+    from spikearray.io.summary import format_summary
+    from spikearray.synthetic import generate_recording
+
+    rec, _ = generate_recording(duration=2.0, n_channels=16, n_units=2, seed=0)
+    data = [line for line in format_summary(rec).splitlines() if line.startswith("data")][0]
+    size = 60000 * 16 * rec.dtype.itemsize  # 2 s at 30 kHz
+    assert f", {format_bytes(size)}," in data and "MiB" in data, data

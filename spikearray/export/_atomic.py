@@ -15,24 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .._format import format_bytes
 from ..errors import DiskFullError, OutputError, OutputExistsError
 
 __all__ = ["atomic_dir", "atomic_file", "PARTIAL_MARK", "partial_siblings", "free_bytes", "require_free_space", "disk_full_cause",
            "disk_full_error", "format_bytes"]
 
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def format_bytes(n: float | None) -> str:
-    """``1536`` -> ``'1.5 KiB'`` (binary units, as ``df -h`` prints them)."""
-    if n is None:
-        return "an unknown amount"
-    v = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if abs(v) < 1024 or unit == "TiB":
-            return f"{int(v)} bytes" if unit == "bytes" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{v:.1f} TiB"  # pragma: no cover
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
+from .._format import format_bytes
 from ..geometry import shanks, uV_gains
 
 __all__ = ["summary", "format_summary", "text_table"]
@@ -52,14 +53,6 @@ def summary(rec: xr.DataArray) -> dict[str, Any]:
         "y_um": [float(rec["y"].min()), float(rec["y"].max())] if "y" in rec.coords else None,
         "chunk_seconds": float(chunks[0]) / fs,
     }
-
-
-def _size(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if b < 1000 or unit == "TB":
-            return f"{b:.1f} {unit}" if unit != "B" else f"{int(b)} B"
-        b /= 1000
-    return f"{b:.1f} TB"
 
 
 def _duration(s: float) -> str:
@@ -144,7 +137,7 @@ def format_summary(obj: xr.DataArray | xr.Dataset, path: str = "") -> str:
         ("channels", f"{s['n_channels']} on {s['n_shanks']} shank(s)   x {s['x_um'][0]:.0f}–{s['x_um'][1]:.0f} µm, "
                      f"y {s['y_um'][0]:.0f}–{s['y_um'][1]:.0f} µm"),
         ("rate", f"{s['sampling_rate']:.6g} Hz   duration {_duration(s['duration_s'])} ({s['n_samples']} samples)"),
-        ("data", f"{s['dtype']}, {_size(s['size_bytes'])}, {scale}, chunks of {s['chunk_seconds']:.3g} s"),
+        ("data", f"{s['dtype']}, {format_bytes(s['size_bytes'])}, {scale}, chunks of {s['chunk_seconds']:.3g} s"),
     ])
 
 
