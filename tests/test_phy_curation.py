@@ -94,6 +94,19 @@ def test_changed_templates_recomputed_from_the_recording(curated):
             np.testing.assert_allclose(r.template.sel(unit=u).values, s.template.sel(unit=u).values, atol=1e-2)
 
 
+def test_similarity_of_a_curated_folder_is_that_of_the_final_templates_computed_once(curated, monkeypatch):
+    from spikearray.clustering import similarity as sim_mod
+
+    calls = []
+    real = sim_mod.template_similarity
+    monkeypatch.setattr(sim_mod, "template_similarity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = read_phy(curated["phy"])
+    assert len(calls) == 1  # not once before the templates were recomputed and again after
+    want = real(r.template_whitened.values, sample_axis=1, symmetric=True)[0]
+    np.testing.assert_allclose(r.similarity.values, want, atol=1e-6)
+    assert r.attrs["templates_recomputed"] == curated["ds"].attrs["templates_recomputed"]
+
+
 def test_drop_noise_drops_units_and_their_spikes(curated):
     r = curated["ds"]
     clean = sa.drop_noise(r)

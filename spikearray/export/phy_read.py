@@ -275,12 +275,10 @@ def read_phy(folder: str | os.PathLike, *, recording: Any = "auto", max_spikes_p
                               for u, c in enumerate(ids.tolist())], dtype=np.float64)
 
     sim_file = _load(f, "similar_templates.npy")
-    if sim_file is not None and unchanged.all() and sim_file.shape == (nT, nT):
-        similarity = sim_file[np.ix_(ids, ids)].astype(np.float32)
-    else:
-        from ..clustering.similarity import template_similarity
-
-        similarity = template_similarity(tw, sample_axis=1, symmetric=True)[0]
+    # Phy's own similarity holds while no cluster changed; otherwise it is computed once, at the end, from the
+    # final templates (after any recomputation from the recording)
+    usable = sim_file is not None and unchanged.all() and sim_file.shape == (nT, nT)
+    similarity = sim_file[np.ix_(ids, ids)].astype(np.float32) if usable else None
 
     data: dict[str, Any] = {
         "spike_time": ("spike", st),
@@ -316,7 +314,7 @@ def read_phy(folder: str | os.PathLike, *, recording: Any = "auto", max_spikes_p
         "n_spikes": ("unit", n_spikes),
         "contamination": ("unit", contamination),
         "label": ("unit", np.array(label, dtype=str) if K else np.zeros(0, "<U4")),
-        "similarity": (("unit", "unit_b"), similarity),
+        **({"similarity": (("unit", "unit_b"), similarity)} if similarity is not None else {}),
         "whitening_matrix": (("channel", "channel_out"), wm),
     })
     cid = meta.get("contact_id")
@@ -350,6 +348,11 @@ def read_phy(folder: str | os.PathLike, *, recording: Any = "auto", max_spikes_p
     if changed and recording is not None:
         ds = _recompute_templates(ds, changed, recording, scale_known=scale_known,
                                   max_spikes_per_unit=max_spikes_per_unit, seed=seed)
+    if "similarity" not in ds:
+        from ..clustering.similarity import template_similarity
+
+        tw_final = np.asarray(ds["template_whitened"].values, np.float32)
+        ds["similarity"] = (("unit", "unit_b"), template_similarity(tw_final, sample_axis=1, symmetric=True)[0])
     return ds
 
 
@@ -381,7 +384,6 @@ def _recompute_templates(ds: xr.Dataset, changed: list[int], recording: Any, *, 
     from ..report.waveforms import sample_spike_waveforms
     from ..settings import Settings
     from .curation import select_units
-    from ..clustering.similarity import template_similarity
 
     reader = _recording_for_templates(ds, recording, scale_known)
     if reader is None:
@@ -415,7 +417,5 @@ def _recompute_templates(ds: xr.Dataset, changed: list[int], recording: Any, *, 
     out["amplitude"] = ("unit", amplitude)
     out["unit_x"] = ("unit", unit_x)
     out["depth"] = ("unit", depth)
-    if "similarity" in ds:
-        out["similarity"] = (("unit", "unit_b"), template_similarity(tw, sample_axis=1, symmetric=True)[0])
     out.attrs = {**ds.attrs, "templates_recomputed": done}
     return out
