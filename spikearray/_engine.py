@@ -292,7 +292,8 @@ class _TqdmCallback(Callback):
             self.bar.update(1)
 
 
-def compute_tasks(tasks: Sequence[Delayed], *, desc: str = "", window: int | None = None) -> list:
+def compute_tasks(tasks: Sequence[Delayed], *, desc: str = "", window: int | None = None,
+                  fold: Callable[[Any], Any] | None = None) -> list:
     """Compute delayed tasks on the current client or the threaded scheduler, with a progress bar.
 
     The bar (tqdm on stderr, one step per task) shows when :func:`show_progress` is on. On a
@@ -303,14 +304,20 @@ def compute_tasks(tasks: Sequence[Delayed], *, desc: str = "", window: int | Non
     with the recording's length. Windows keep it bounded by a few chunks, at the price of reading the one
     chunk shared by two windows' halos twice.
 
+    fold : callable, optional
+        Applied to each result as it arrives, in the order of ``tasks`` (so deterministically), in the calling
+        process; what it returns is kept instead. A reduction that folds a large part of every result into
+        an accumulator keeps only one result's worth of it in memory, not one per chunk.
+
     Returns
     -------
     list
-        The results, in the order of ``tasks``.
+        The results (after ``fold``), in the order of ``tasks``.
     """
     tasks = list(tasks)
     if not tasks:
         return []
+    keep = fold if fold is not None else (lambda r: r)
     progress = progress_enabled()
     client = current_client()
     if client is not None:
@@ -321,18 +328,23 @@ def compute_tasks(tasks: Sequence[Delayed], *, desc: str = "", window: int | Non
             with tqdm(total=len(futures), desc=desc, unit="chunk") as bar:
                 for _ in as_completed(futures):
                     bar.update(1)
-        return client.gather(futures)
+        out = []
+        for f in futures:  # one result at a time on this side, released on the cluster once folded
+            out.append(keep(f.result()))
+            f.release()
+        return out
     window = window or 2 * dask_thread_count()
-    out: list = []
+    out = []
     with tqdm(total=len(tasks), desc=desc, unit="chunk", disable=not progress) as bar:
         with _TqdmCallback(bar, {t.key for t in tasks}):
             for i in range(0, len(tasks), window):
-                out.extend(dask.compute(*tasks[i:i + window], scheduler="threads"))
+                out.extend(keep(r) for r in dask.compute(*tasks[i:i + window], scheduler="threads"))
                 release_memory()
     return out
 
 
 def run_chunks(kernel: Callable[..., Any], data: da.Array, context: Any, *, name: str,
-               select: Sequence[int] | None = None) -> list:
-    """:func:`map_chunks` then :func:`compute_tasks` (bar labelled ``name``): the kernel's result per chunk."""
-    return compute_tasks(map_chunks(kernel, data, context, name=name, select=select), desc=name)
+               select: Sequence[int] | None = None, fold: Callable[[Any], Any] | None = None) -> list:
+    """:func:`map_chunks` then :func:`compute_tasks` (bar labelled ``name``, ``fold`` as there): the kernel's
+    result per chunk."""
+    return compute_tasks(map_chunks(kernel, data, context, name=name, select=select), desc=name, fold=fold)

@@ -161,3 +161,39 @@ def test_device_auto_is_resolved_inside_the_tasks(monkeypatch):
     monkeypatch.setattr(det, "resolve_device", spy)
     det.detect(_white(4), _bases(), sa.Settings())
     assert len(seen) == 4 and all(device == "auto" and not in_main for device, in_main in seen)
+
+
+def test_compute_tasks_folds_each_result_in_task_order_and_keeps_what_the_fold_returns():
+    import dask
+
+    from spikearray._engine import compute_tasks
+
+    seen = []
+
+    def fold(r):
+        seen.append(r["i"])
+        return r["i"] * 10  # the large part dropped, a small part kept
+
+    tasks = [dask.delayed(lambda i: {"i": i, "big": np.zeros(1000)})(i) for i in range(7)]
+    assert compute_tasks(tasks, window=3, fold=fold) == [0, 10, 20, 30, 40, 50, 60]
+    assert seen == list(range(7))  # in the order of the tasks, whatever order they finished in
+    assert compute_tasks(tasks, window=3)[2]["i"] == 2  # no fold: the results themselves
+
+
+def test_matching_folds_the_per_chunk_waveform_sums_into_one_running_total(monkeypatch):
+    """The (template, channel, sample) sums of each chunk are added as chunks finish, never all kept: the fold
+    the matcher hands to run_chunks strips them from every chunk's result."""
+    from spikearray.matching import peel
+
+    kept = []
+    real = peel.run_chunks
+
+    def spy(*a, fold=None, **k):
+        out = real(*a, fold=fold, **k)
+        kept.extend(out)
+        return out
+
+    monkeypatch.setattr(peel, "run_chunks", spy)
+    out = peel.match(_white(6), _templates(3), _bases(), sa.Settings(Th_learned=3.0))
+    assert len(kept) == 6 and all("sums" not in p and "counts" not in p for p in kept)
+    assert out["template_count"].values.sum() == out.sizes["spike"]

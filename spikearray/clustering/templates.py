@@ -97,9 +97,11 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     if used:
         ctx = _SumContext(times=np.ascontiguousarray(t_all, np.int64), labels=np.ascontiguousarray(l_all, np.int64),
                           n_templates=int(n_templates), nt=int(nt), nt0=int(nt0))
-        for s_, c_ in run_chunks(_sum_block, data, ctx, name="waveforms", select=used):
-            sums += s_
-            counts += c_
+        def add(part: tuple[np.ndarray, np.ndarray]) -> None:  # folded as chunks finish, in chunk order
+            sums[...] += part[0]
+            counts[...] += part[1]
+
+        run_chunks(_sum_block, data, ctx, name="waveforms", select=used, fold=add)
     means = sums / np.maximum(counts, 1)[:, None, None]
     return np.ascontiguousarray(means.transpose(0, 2, 1), dtype=np.float32), counts
 
