@@ -245,7 +245,7 @@ def _geometry(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path)
     """x, y (µm), shank and contact ids of the saved neural channels, in file order."""
     key = _geometry_table(meta, len(readout))
     try:
-        out = _geometry_unchecked(meta, ptype, readout, path)
+        out = _geometry_unchecked(meta, ptype, readout, path, key)
     except (_TableError, ValueError, IndexError) as e:
         if isinstance(e, MetaFileError):
             raise
@@ -267,9 +267,10 @@ def _geometry_table(meta: dict[str, str], n: int) -> str:
     return "imroTbl"
 
 
-def _geometry_unchecked(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path) -> tuple[np.ndarray, ...]:
+def _geometry_unchecked(meta: dict[str, str], ptype: int, readout: np.ndarray, path: Path,
+                        table: str) -> tuple[np.ndarray, ...]:
+    """Positions from ``table`` (the one :func:`_geometry_table` chose)."""
     n = len(readout)
-    table = _geometry_table(meta, n)
     if table == "snsGeomMap":
         head, rows = _entries(meta["snsGeomMap"], "snsGeomMap", path)
         hf = head.split(",")

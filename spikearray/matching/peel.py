@@ -314,11 +314,10 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
         times, ids, amps, scores = [], [], [], []
         for _ in range(ctx.max_peels):
             pooled = F.max_pool1d(Cfmax[None, None], 2 * nt + 1, stride=1, padding=nt)[0, 0]
-            ok = Cfmax > th2
-            if thl2 < th2:
-                scale = Cfmax.sqrt() * inv_norm[kbest]
-                ok |= (Cfmax > thl2) & (scale >= a_lo) & (scale <= a_hi)
-            t = torch.nonzero((Cfmax >= pooled) & ok, as_tuple=True)[0]
+            t = torch.nonzero((Cfmax >= pooled) & (Cfmax > min(th2, thl2)), as_tuple=True)[0]
+            if thl2 < th2:  # below Th_learned only a spike of its template's own size passes (scale at peaks only)
+                scale = Cfmax[t].sqrt() * inv_norm[kbest[t]]
+                t = t[(Cfmax[t] > th2) | ((scale >= a_lo) & (scale <= a_hi))]
             if len(t) == 0:
                 break
             k = kbest[t]
