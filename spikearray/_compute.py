@@ -8,13 +8,14 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import dask
+import numpy as np
 import torch
 from dask.system import CPU_COUNT
 
 from .errors import SettingsError
 
 __all__ = ["resolve_device", "torch_threads", "default_torch_threads", "dask_thread_count", "rfft", "irfft",
-           "release_memory"]
+           "release_memory", "band_blocks", "band_matmul", "channels_first"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -158,3 +159,67 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
         pass
+
+
+def band_blocks(w: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Split ``out = x @ w.T`` into output-channel blocks that only read the columns where ``w`` is non-zero.
+
+    Local whitening matrices are banded when channels are ordered by depth; a block of ``B`` output channels then
+    needs ``B + bandwidth`` inputs instead of all of them. Returns ``(o0, o1, i0, i1)`` tuples; the block size is
+    the one with the fewest multiply-adds (plus a per-call overhead), dense when nothing is gained.
+    """
+    c = w.shape[0]
+    nz = w != 0
+    best, best_cost = [(0, c, 0, c)], float(c * c)
+    for size in (16, 24, 32, 48, 64, 96, 128):
+        if size >= c:
+            break
+        blocks, cost = [], 0.0
+        for o0 in range(0, c, size):
+            o1 = min(c, o0 + size)
+            cols = np.flatnonzero(nz[o0:o1].any(axis=0))
+            i0, i1 = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1)
+            blocks.append((o0, o1, i0, i1))
+            cost += (o1 - o0) * (i1 - i0) + 512  # ~ the matmul call overhead in multiply-adds per row
+        if cost < best_cost:
+            best, best_cost = blocks, cost
+    return best
+
+
+def band_matmul(w: torch.Tensor, x: torch.Tensor, blocks: list[tuple[int, int, int, int]], *,
+                channels_first: bool) -> torch.Tensor:
+    """``w @ x`` (``channels_first``, x ``(C_in, L)``) or ``x @ w.T`` (x ``(L, C_in)``) for a ``(C_out, C_in)``
+    matrix ``w`` with the band structure ``blocks`` of :func:`band_blocks`: each block of output channels
+    reads only its input range (the other entries of ``w`` must be zero). float32 tensors, same device.
+
+    Examples
+    --------
+    >>> w = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    >>> x = torch.arange(6.0).reshape(3, 2)
+    >>> bool((band_matmul(w, x, [(0, 2, 0, 2), (2, 3, 1, 3)], channels_first=True) == w @ x).all())
+    True
+    """
+    if channels_first:
+        if len(blocks) == 1:
+            return w @ x
+        out = x.new_empty((w.shape[0], x.shape[1]))
+        for o0, o1, i0, i1 in blocks:
+            torch.matmul(w[o0:o1, i0:i1], x[i0:i1], out=out[o0:o1])
+        return out
+    wt = w.T
+    if len(blocks) == 1:
+        return x @ wt
+    out = x.new_empty((x.shape[0], w.shape[0]))
+    for o0, o1, i0, i1 in blocks:
+        torch.matmul(x[:, i0:i1], wt[i0:i1, o0:o1], out=out[:, o0:o1])
+    return out
+
+
+def channels_first(block: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A ``(time, channel)`` chunk as a contiguous float32 ``(channel, time)`` tensor on ``device``.
+
+    torch's transposing copy is blocked for the cache; numpy's ``ascontiguousarray(block.T)`` took 0.21 s
+    instead of 0.06 s for a 2 s, 384-channel chunk (one thread).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+    return x.to(device).T.contiguous()

@@ -229,3 +229,38 @@ def test_accessor_methods(rigid, rigid_drift):
 def test_rms_error_checks_shapes(rigid_drift):
     with pytest.raises(sa.errors.DataError):
         rms_error(rigid_drift, np.zeros((3, 2)), times_s=np.zeros(3), unit_depths_um=np.zeros(5))
+
+
+def test_kriging_matrix_has_no_subnormal_weights_and_reads_like_the_full_one():
+    """A 384-channel Neuropixels column: the weights below float32 resolution of their row are exactly 0 (as
+    float32 they were subnormal, which CPU BLAS multiplies ~25x slower), what remains is the full matrix to
+    float32 rounding, and the banded product the correction uses equals the dense one."""
+    import torch
+
+    from spikearray._compute import band_blocks, band_matmul
+    from spikearray.drift.correction import kriging_inverse, kriging_matrix
+
+    C = 384
+    x = np.array([43.0, 11.0, 59.0, 27.0] * (C // 4))
+    y = 20.0 * (np.arange(C) // 2)
+    shank = np.zeros(C, int)
+    shift = np.linspace(-7.3, 12.1, C)
+    m = kriging_matrix(x, y, shank, shift, 20.0)
+    # the same algebra without the cut (one shank)
+    kyx = np.exp(-((x[:, None] - x[None, :]) ** 2 + ((y + shift)[:, None] - y[None, :]) ** 2) / 800.0)
+    full = kyx @ np.linalg.inv(np.exp(-((x[:, None] - x[None, :]) ** 2 + (y[:, None] - y[None, :]) ** 2) / 800.0)
+                               + 0.01 * np.eye(C))
+    m32 = m.astype(np.float32)
+    tiny = np.finfo(np.float32).tiny
+    assert not ((np.abs(m32) < tiny) & (m32 != 0)).any()  # no subnormal float32 weight left
+    assert ((np.abs(full.astype(np.float32)) < tiny) & (full != 0)).mean() > 0.01  # there were some
+    np.testing.assert_allclose(m, full, rtol=0, atol=2e-7 * np.abs(full).max())
+    assert np.allclose(kriging_matrix(x, y, shank, shift, 20.0, inverse=kriging_inverse(x, y, shank, 20.0)), m)
+    blocks = band_blocks(m)
+    assert len(blocks) > 1 and max(i1 - i0 for _, _, i0, i1 in blocks) < C // 2  # a band, not the whole probe
+    sig = torch.from_numpy(np.random.default_rng(0).standard_normal((3000, C)).astype(np.float32))
+    w = torch.from_numpy(m32)
+    np.testing.assert_allclose(band_matmul(w, sig, blocks, channels_first=False).numpy(), (sig @ w.T).numpy(),
+                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(band_matmul(w, sig.T.contiguous(), blocks, channels_first=True).numpy(),
+                               (w @ sig.T).numpy(), rtol=0, atol=1e-5)

@@ -201,3 +201,72 @@ def test_compare_to_truth_against_spikeinterface():
     np.testing.assert_allclose(ours.accuracy.values, cmp.get_performance()["accuracy"].values.astype(float), atol=0.01)
     assert ours.attrs["n_well_detected"] == cmp.count_well_detected_units(0.8)
     assert ours.attrs["n_false_positive"] == cmp.count_false_positive_units()
+
+
+def test_templates_stop_at_the_radius_cap_and_their_means_cover_the_disc():
+    """A 384-channel column whose mean templates carry estimation noise that is uneven along the probe (a band
+    of other units' coincident spikes 1 mm away): no template keeps a channel beyond MAX_RADIUS_UM, and the
+    matched means equal the plain window means on the disc around the peak and are 0 beyond it."""
+    from spikearray.matching.peel import MAX_RADIUS_UM
+
+    rng = np.random.default_rng(7)
+    K, C, nt, nt0, L = 3, 384, 61, 20, 8000
+    pos = np.c_[np.tile([11.0, 43.0], C // 2), 20.0 * (np.arange(C) // 2)]
+    pcs = np.linalg.qr(rng.standard_normal((nt, 6)))[0].T.astype(np.float32)
+    wave = -np.exp(-0.5 * ((np.arange(nt) - nt0) / 3.0) ** 2)
+    centres = [40, 190, 330]
+    U = np.zeros((K, C, nt), np.float32)
+    for k, c0 in enumerate(centres):
+        U[k] = 14.0 * np.exp(-0.5 * ((np.arange(C) - c0) / 3.0) ** 2)[:, None] * wave[None, :]
+    noise_sd = np.full(C, 0.04)
+    noise_sd[100:300] = 0.09  # the uneven floor: higher in the middle of the probe
+    noisy = U + (noise_sd[None, :, None] * rng.standard_normal(U.shape)).astype(np.float32)
+    ctx = _ctx(noisy, pcs, th=6.0, drop_tol=3.0, positions=pos)
+    peak = pos[np.array(centres)]
+    for k in range(K):
+        ch = np.flatnonzero((ctx.Ur[k] != 0).any(1))
+        assert centres[k] in ch
+        assert np.linalg.norm(pos[ch] - peak[k], axis=1).max() <= MAX_RADIUS_UM
+    x = 0.3 * rng.standard_normal((C, L)).astype(np.float32)
+    planted = [(500 + 700 * i, i % K) for i in range(10)]
+    for t, k in planted:
+        x[:, t - nt0:t - nt0 + nt] += U[k]
+    out = _match_block(x.T.copy(), ChunkInfo(0, L, 0), ctx)
+    assert sorted(zip(out["time"].tolist(), out["template"].tolist())) == planted
+    mean = out["sums"] / np.maximum(out["counts"], 1)[:, None, None]
+    for k in range(K):
+        d = np.linalg.norm(pos - peak[k], axis=1)
+        # residual + own fit = the data in the window, on the disc
+        windows = np.mean([x[:, t - nt0:t - nt0 + nt] for t, kk in planted if kk == k], axis=0)
+        np.testing.assert_allclose(mean[k][d <= MAX_RADIUS_UM], windows[d <= MAX_RADIUS_UM], atol=1e-4)
+        beyond = d > MAX_RADIUS_UM
+        beyond[0] = False  # _ctx gives every template channel 0 as a feature channel, which the means keep
+        assert beyond.sum() > 200 and not mean[k][beyond].any()
+
+
+def test_blockwise_best_template_equals_the_plain_maximum():
+    """The matcher keeps the best template per sample through blocks of consecutive templates and refreshes
+    only the blocks a fitted spike overlaps; with every template in one block it is the plain maximum over all
+    templates. Both give the same spikes on a crowded 96-channel recording with colliding units."""
+    import dataclasses
+
+    rng = np.random.default_rng(11)
+    K, C, nt, nt0, L = 30, 96, 61, 20, 12000
+    pos = np.c_[np.zeros(C), 20.0 * np.arange(C)]
+    pcs = np.linalg.qr(rng.standard_normal((nt, 6)))[0].T.astype(np.float32)
+    wave = -np.exp(-0.5 * ((np.arange(nt) - nt0) / 3.0) ** 2)
+    centres = rng.permutation(np.linspace(2, 93, K).round().astype(int))  # ids not in depth order
+    U = np.stack([(8 + 10 * rng.random()) * np.exp(-0.5 * ((np.arange(C) - c0) / 2.5) ** 2)[:, None] * wave[None]
+                  for c0 in centres]).astype(np.float32)
+    x = rng.standard_normal((C, L)).astype(np.float32)
+    for t in rng.choice(np.arange(100, L - 100), 400, replace=False):
+        x[:, t - nt0:t - nt0 + nt] += (0.8 + 0.4 * rng.random()) * U[rng.integers(K)]
+    ctx = _ctx(U, pcs, th=6.0, drop_tol=3.0, positions=pos)
+    assert ctx.block < K
+    plain = dataclasses.replace(ctx, block=K, nb_blocks=np.zeros((K, 1), np.int64))
+    a = _match_block(x.T.copy(), ChunkInfo(0, L, 0), ctx)
+    b = _match_block(x.T.copy(), ChunkInfo(0, L, 0), plain)
+    assert len(a["time"]) > 300
+    np.testing.assert_array_equal(a["time"], b["time"])
+    np.testing.assert_array_equal(a["template"], b["template"])
+    np.testing.assert_allclose(a["amplitude"], b["amplitude"], rtol=1e-6)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from .._compute import resolve_device, torch_threads
+from .._compute import channels_first, resolve_device, torch_threads
 from .._engine import ChunkInfo, as_dask, chunk_kernel, run_chunks
 from ..errors import DataError
 from ..settings import Settings
@@ -68,7 +68,7 @@ class _SnippetContext:
 def _snippet_block(block: np.ndarray, info: ChunkInfo, ctx: _SnippetContext) -> np.ndarray:
     """Unit-free snippets ``(n, nt)`` float32 of the chunk's isolated single-channel peaks."""
     dev = resolve_device(ctx.device)
-    x = torch.from_numpy(np.ascontiguousarray(block.T, dtype=np.float32)).to(dev)
+    x = channels_first(block, dev)
     c, t = isolated_peaks(x, ctx.threshold, ctx.nt, ctx.nt0)
     win = t[:, None] - ctx.nt0 + torch.arange(ctx.nt, device=dev)[None, :]
     return x[c[:, None], win].cpu().numpy()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import xarray as xr
 from scipy.fft import next_fast_len
 
-from .._compute import default_torch_threads, irfft, resolve_device, rfft, torch_threads
+from .._compute import channels_first, default_torch_threads, irfft, resolve_device, rfft, torch_threads
 from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
 from ..errors import DataError
 from ..geometry import nearest_channels, positions, shanks
@@ -90,7 +90,8 @@ def sparsify(spatial: np.ndarray, rows: np.ndarray, n_templates: int, tol: float
     sweep stops at the first channel that carries real signal, so the support is a compact disc around the
     peak, and every later product can skip the rest of the probe. On 8 s of a 384-channel, 197-template set
     this kept a median of 14 channels (95th percentile 27) and made matching 1.4× faster with slightly higher
-    accuracy (docs/benchmarks.md).
+    accuracy (docs/benchmarks.md). Channels farther than :data:`MAX_RADIUS_UM` from the peak are dropped
+    whatever the sweep says.
 
     Parameters
     ----------
@@ -119,10 +120,12 @@ def sparsify(spatial: np.ndarray, rows: np.ndarray, n_templates: int, tol: float
     dropped = np.cumprod(within, axis=1).astype(bool)  # a prefix of the far-to-near order: a compact disc
     keep = np.ones_like(energy, dtype=bool)
     np.put_along_axis(keep, order, ~dropped, axis=1)
+    keep &= dist <= MAX_RADIUS_UM
     return (spatial * keep[rows]).astype(np.float32)
 
 
 _ROW_GROUP = 48  # rows per correlation product (bounds the (rows, frequency) arrays)
+_SLICE_SLACK = 1.25  # a group's channels are read as one slice when their span is at most this × their number
 #: Amplitude scales (``B / |U|²``) at which a spike needs only ``Th_bounded`` instead of ``Th_learned``: a
 #: spike of a unit's own size. Noise alone reaches a scale of 0.7 on a template only if its score is 0.7 |U|,
 #: so the lower threshold changes nothing for templates with |U| above Th_learned / 0.7 (8.6 whitened SD at
@@ -130,6 +133,13 @@ _ROW_GROUP = 48  # rows per correlation product (bounds the (rows, frequency) ar
 BOUNDED_SCALE = (0.7, 1.4)
 _DROP_FRACTION = 0.5  # sparsify's tol as a fraction of Th_learned: what is left out can never pass on its own
 _NOISE_FACTOR = 1.0  # dropped energy allowed per channel, in units of the template's noise floor
+#: No template reaches farther than this from its peak channel (µm). A unit's whitened signal is at the noise
+#: floor ~150 µm from its peak on the 384-channel paper set; what a mean template holds beyond is estimation
+#: noise and other units' coincident spikes, unevenly spread along the probe, which the floor sweep alone
+#: took for signal: on 12 s of that set 5 % of the templates kept 180–260 channels (out to 1.3 mm), and every
+#: row group holding one spanned most of the probe. A 250 µm cap lost two 76–80 µV units of the drifting
+#: 128-channel set (141 well detected instead of 143); 400 µm loses none there.
+MAX_RADIUS_UM = 400.0
 _SPIKE_BATCH = 512  # spikes per batched score/residual update (bounds the index arrays)
 
 
@@ -148,8 +158,21 @@ def _row_groups(spatial: np.ndarray, positions: np.ndarray,
     groups = []
     for r0 in range(0, len(order), group):
         r1 = min(len(order), r0 + group)
-        groups.append((r0, r1, np.flatnonzero(nz[order[r0:r1]].any(0))))
+        chans = np.flatnonzero(nz[order[r0:r1]].any(0))
+        if chans.size and chans[-1] - chans[0] + 1 <= _SLICE_SLACK * chans.size:
+            # (nearly) a contiguous stretch: read it as a slice of the chunk, the few gaps with zero weights,
+            # rather than copying the rows out (index_select was 0.85 s of a 3.5 s 384-channel chunk)
+            chans = np.arange(chans[0], chans[-1] + 1)
+        groups.append((r0, r1, chans))
     return order, groups
+
+
+def _rows(x: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
+    """``x[chans]``: a view when ``chans`` is a contiguous range (as :func:`_row_groups` makes most), else a copy."""
+    n = chans.numel()
+    if n and int(chans[-1] - chans[0]) + 1 == n:
+        return x[int(chans[0]):int(chans[0]) + n]
+    return x.index_select(0, chans)
 
 
 def _padded_lists(mask: np.ndarray) -> np.ndarray:
@@ -194,10 +217,16 @@ class _MatchContext:
     ur_nb: np.ndarray  # (K, I, nt) its waveform there
     nearU: np.ndarray  # (K, nC) feature channels
     ur_near: np.ndarray  # (K, nC, nt) the template on them
+    mean_chan: np.ndarray  # (K, M) channels of each template's mean waveform (padded)
+    mean_valid: np.ndarray  # (K, M) 1 where mean_chan holds a real channel
+    near_in_mean: np.ndarray  # (K, nC) where each feature channel sits in mean_chan
+    block: int  # templates per block of the running maximum (consecutive ids)
+    nb_blocks: np.ndarray  # (K, Bn) the blocks holding the templates that overlap each template (padded)
     pcs: np.ndarray  # (P, nt)
 
 
-_TENSORS = ("Tm", "rows", "Ur", "inv_norm", "nb", "ctc_nb", "chan", "ur_nb", "nearU", "ur_near", "pcs")
+_TENSORS = ("Tm", "rows", "Ur", "inv_norm", "nb", "ctc_nb", "chan", "ur_nb", "nearU", "ur_near", "mean_chan",
+            "mean_valid", "near_in_mean", "nb_blocks", "pcs")
 
 
 def _tensors(ctx: _MatchContext, dev: torch.device) -> dict[str, Any]:
@@ -233,6 +262,10 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
     ctcs = (ctc * torch.from_numpy(inv_norm)[None, :, None]).numpy()
     overlap = np.abs(ctcs).max(2) > 0 if K else np.zeros((0, 0), bool)
     nb = _padded_lists(overlap) if K else np.zeros((0, 1), np.int64)
+    block = max(1, int(np.ceil(np.sqrt(K))))
+    n_blocks = -(-K // block)
+    nb_blocks = (_padded_lists(np.pad(overlap, ((0, 0), (0, n_blocks * block - K))).reshape(K, n_blocks, block)
+                               .any(2)) if K else np.zeros((0, 1), np.int64))
     ctc_nb = np.take_along_axis(ctcs, nb[:, :, None], axis=1) * _valid_mask(overlap)[..., None] if K else \
         np.zeros((0, 1, 2 * nt - 1), np.float32)
     chan_mask = (Ur != 0).any(2)
@@ -240,6 +273,20 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
     ur_nb = np.take_along_axis(Ur, chan[:, :, None], axis=1) * _valid_mask(chan_mask)[..., None] if K else \
         np.zeros((0, 1, nt), np.float32)
     ur_near = np.take_along_axis(Ur, nearU[:, :, None], axis=1) if K else np.zeros((0, nearU.shape[1], nt), np.float32)
+    # the mean waveforms cover the disc of MAX_RADIUS_UM around each template's peak (and whatever the template
+    # or its feature channels reach beyond): a 384-channel mean over every channel was a quarter of matching's
+    # time, for channels that hold only noise
+    if K:
+        peak = (templates.astype(np.float64) ** 2).sum(2).argmax(1)
+        mean_mask = np.linalg.norm(positions[peak][:, None, :] - positions[None, :, :], axis=2) <= MAX_RADIUS_UM
+        mean_mask |= chan_mask
+        mean_mask[np.arange(K)[:, None], nearU] = True
+    else:
+        mean_mask = np.zeros((0, C), bool)
+    mean_chan = _padded_lists(mean_mask) if K else np.zeros((0, 1), np.int64)
+    near_in_mean = np.zeros(nearU.shape, np.int64)
+    for j in range(K):  # mean_chan[j] lists its channels in increasing order before the padding
+        near_in_mean[j] = np.searchsorted(mean_chan[j, :mean_mask[j].sum()], nearU[j])
     return _MatchContext(
         device=str(device), threads=threads, nt=nt, nt0=int(nt0), th=float(th),
         th_low=float(th if th_low is None else th_low), amp_range=(float(amp_range[0]), float(amp_range[1])),
@@ -250,7 +297,9 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
         S_groups=tuple(np.ascontiguousarray(spatial[r0:r1][:, ch]) for r0, r1, ch in groups),
         Ur=Ur, inv_norm=inv_norm, nb=nb, ctc_nb=np.ascontiguousarray(ctc_nb, np.float32), chan=chan,
         ur_nb=np.ascontiguousarray(ur_nb, np.float32), nearU=np.asarray(nearU, np.int64),
-        ur_near=np.ascontiguousarray(ur_near, np.float32), pcs=np.asarray(pcs, np.float32),
+        ur_near=np.ascontiguousarray(ur_near, np.float32), mean_chan=mean_chan,
+        mean_valid=_valid_mask(mean_mask) if K else np.zeros((0, 1), np.float32), near_in_mean=near_in_mean,
+        pcs=np.asarray(pcs, np.float32), block=block, nb_blocks=nb_blocks,
     )
 
 
@@ -283,7 +332,7 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
     dev = resolve_device(ctx.device)
     c = _tensors(ctx, dev)
     with torch_threads(ctx.threads or default_torch_threads()):
-        x = torch.from_numpy(np.ascontiguousarray(block.T, dtype=np.float32)).to(dev).contiguous()  # (C, L)
+        x = channels_first(block, dev)  # (C, L)
         C, L = x.shape
         nt, nt0 = ctx.nt, ctx.nt0
         rows, inv_norm = c["rows"], c["inv_norm"]
@@ -294,7 +343,7 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
         filt = _filter_spectrum(ctx, n, dev)
         Bf = torch.zeros((K, n // 2 + 1), dtype=filt.dtype, device=dev)
         for (r0, r1), chans, s_g in zip(ctx.row_ranges, c["group_channels"], c["S_groups"]):
-            y = s_g @ x.index_select(0, chans)
+            y = s_g @ _rows(x, chans)
             Bf.index_add_(0, rows[r0:r1], rfft(y, n=n) * filt[r0:r1])
         shift = nt - 1 - nt0
         # the loop keeps bs = B / |U| so that Cf = relu(bs)² and the best template is an argmax of bs
@@ -306,7 +355,24 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
         lo, hi = nt, L - nt
         valid = torch.zeros(L, dtype=torch.bool, device=dev)
         valid[lo:max(lo, hi)] = True
-        best, kbest = bs.max(0) if K else (torch.zeros(L, device=dev), torch.zeros(L, dtype=torch.long, device=dev))
+        # the best template per sample, through the maximum of each block of ``ctx.block`` consecutive templates:
+        # after a peel only the blocks holding templates that overlap a fitted one are re-evaluated, so the
+        # refresh reads about (overlapping blocks × block + n_blocks) scores per changed sample instead of K
+        # (which grows with the probe's length)
+        B = ctx.block
+        n_blocks = -(-K // B)
+        gmax = torch.empty((n_blocks, L), device=dev)
+        gidx = torch.empty((n_blocks, L), dtype=torch.long, device=dev)
+        for g in range(n_blocks):
+            torch.max(bs[g * B:(g + 1) * B], 0, out=(gmax[g], gidx[g]))
+            gidx[g] += g * B
+        if K:
+            best, gb = gmax.max(0)
+            kbest = gidx.gather(0, gb[None])[0]
+        else:
+            best, kbest = torch.zeros(L, device=dev), torch.zeros(L, dtype=torch.long, device=dev)
+        touched = torch.zeros((n_blocks, L), dtype=torch.bool, device=dev)
+        nb_blocks = c["nb_blocks"]
         Cfmax = torch.where(valid, torch.relu(best) ** 2, torch.zeros((), device=dev))
         dl = torch.arange(-(nt - 1), nt, device=dev)
         tau = torch.arange(nt, device=dev)
@@ -334,9 +400,17 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
             mark.zero_()
             mark[(t[:, None] + dl[None, :]).reshape(-1)] = True
             cols = torch.nonzero(mark & valid, as_tuple=True)[0]
-            v, kb = bs[:, cols].max(0)
+            touched.zero_()
+            touched[nb_blocks[k][:, :, None], (t[:, None] + dl[None, :])[:, None, :]] = True
+            touched &= valid[None, :]
+            for g in torch.nonzero(touched.any(1), as_tuple=True)[0].tolist():
+                cg = torch.nonzero(touched[g], as_tuple=True)[0]
+                v, j = bs[g * B:(g + 1) * B, cg].max(0)
+                gmax[g, cg] = v
+                gidx[g, cg] = j + g * B
+            v, gb = gmax[:, cols].max(0)
             Cfmax[cols] = torch.relu(v) ** 2
-            kbest[cols] = kb
+            kbest[cols] = gidx[gb, cols]
         if not times:
             return _empty(ctx)
         t = torch.cat(times)
@@ -347,15 +421,19 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
         core = (t_glob >= info.start) & (t_glob < info.stop)
         t, k, a, sc, t_glob = t[core], k[core], a[core], sc[core], t_glob[core]
         # features and means from residual + own fitted template; the own part of the sums is Σa · U_k
-        pcs, near, ur_near = c["pcs"], c["nearU"], c["ur_near"]
-        sums = torch.zeros(K, device=dev).index_add_(0, k, a)[:, None, None] * c["Ur"]
+        pcs, near, ur_near = c["pcs"], c["near_in_mean"], c["ur_near"]
+        mc = c["mean_chan"]
+        local = torch.zeros((K, mc.shape[1], nt), device=dev)  # (K, M, nt) residual sums on mean_chan
         feats = []
         for b0 in range(0, len(t), _SPIKE_BATCH):
             tb, kb, ab = t[b0:b0 + _SPIKE_BATCH], k[b0:b0 + _SPIKE_BATCH], a[b0:b0 + _SPIKE_BATCH]
-            res = x[:, tb[:, None] - nt0 + tau[None, :]].permute(1, 0, 2)  # (b, C, nt) residual windows
-            sums.index_add_(0, kb, res)
+            res = x[mc[kb][:, :, None], (tb[:, None] - nt0 + tau[None, :])[:, None, :]]  # (b, M, nt) residual
+            local.index_add_(0, kb, res)
             nearest = torch.gather(res, 1, near[kb][:, :, None].expand(-1, -1, nt)) + ab[:, None, None] * ur_near[kb]
             feats.append(nearest @ pcs.T)  # (b, nC, P)
+        sums = torch.zeros(K, device=dev).index_add_(0, k, a)[:, None, None] * c["Ur"]
+        flat_rows = (torch.arange(K, device=dev)[:, None] * C + mc).reshape(-1)  # padded slots add 0
+        sums.view(K * C, nt).index_add_(0, flat_rows, (local * c["mean_valid"][:, :, None]).reshape(-1, nt))
         counts = torch.bincount(k, minlength=K)
         feat = torch.cat(feats) if feats else torch.zeros((0, near.shape[1], pcs.shape[0]), device=dev)
         return {
@@ -428,7 +506,8 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
         Per spike (sorted by time): ``spike_time`` (int64 samples), ``spike_template`` (int64),
         ``spike_scale`` (fitted amplitude relative to the template), ``spike_score`` (sqrt of explained
         variance, whitened SD units), ``spike_features`` (spike, nearest, pc); per template:
-        ``template_mean`` (template, channel, sample) mean of residual + own fit over its spikes,
+        ``template_mean`` (template, channel, sample) mean of residual + own fit over its spikes (0 farther
+        than :data:`MAX_RADIUS_UM` from the template's peak, beyond its own channels),
         ``template_count``, ``template_channels`` (template, nearest) the feature channels (positions).
     """
     s = Settings.coerce(settings)
@@ -445,7 +524,10 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     near = nearest_channels(pos, min(s.nearest_chans, C), shank)
     nC = near.shape[1]  # fewer than nearest_chans where a shank has fewer channels
     nearU = near[best] if K else np.zeros((0, nC), int)
-    ctx = _context(templates, bases["pc"].values, nearU, pos, th=float(s.Th_learned), th_low=float(s.Th_bounded),
+    # templates in depth order inside the matcher: its blocks of consecutive templates are then local, and a
+    # fitted spike touches few of them (ids go back to the caller's order below)
+    by_depth = np.lexsort((pos[best, 0], pos[best, 1], shank[best])) if K else np.zeros(0, np.int64)
+    ctx = _context(templates[by_depth], bases["pc"].values, nearU[by_depth], pos, th=float(s.Th_learned), th_low=float(s.Th_bounded),
                    amp_range=BOUNDED_SCALE, max_peels=int(s.max_peels),
                    nt0=s.nt0min_, device=s.device, threads=s.torch_threads,
                    rank=rank, drop_tol=_DROP_FRACTION * float(s.Th_learned) if sparse else 0.0)
@@ -457,7 +539,9 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     empty = _empty(ctx)
     cat = {k: np.concatenate([p[k] for p in parts]) if parts else empty[k]
            for k in ("time", "template", "amplitude", "score", "features")}
-    sums, counts = means.sums, means.counts
+    cat["template"] = by_depth[cat["template"]]
+    sums, counts = np.empty_like(means.sums), np.empty_like(means.counts)
+    sums[by_depth], counts[by_depth] = means.sums, means.counts
     order = np.lexsort((cat["template"], cat["time"]))
     mean = (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
     return xr.Dataset(

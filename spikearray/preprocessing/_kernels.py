@@ -19,7 +19,7 @@ import numpy as np
 import scipy.signal
 import torch
 
-from .._compute import irfft, resolve_device, rfft, torch_threads
+from .._compute import band_blocks, band_matmul, irfft, resolve_device, rfft, torch_threads
 from ._cpu_kernels import median_subtract_block, sosfiltfilt_block
 
 __all__ = ["butter_sos", "highpass_halo", "highpass_block", "median_subtract", "whiten_block", "band_blocks",
@@ -149,44 +149,15 @@ def median_subtract(x: np.ndarray, *, device: str | torch.device, threads: int |
         return (xt - torch.median(xt, dim=1, keepdim=True).values).cpu().numpy()
 
 
-def band_blocks(w: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Split ``out = x @ w.T`` into output-channel blocks that only read the columns where ``w`` is non-zero.
-
-    Local whitening matrices are banded when channels are ordered by depth; a block of ``B`` output channels then
-    needs ``B + bandwidth`` inputs instead of all of them. Returns ``(o0, o1, i0, i1)`` tuples; the block size is
-    the one with the fewest multiply-adds (plus a per-call overhead), dense when nothing is gained.
-    """
-    c = w.shape[0]
-    nz = w != 0
-    best, best_cost = [(0, c, 0, c)], float(c * c)
-    for size in (16, 24, 32, 48, 64, 96, 128):
-        if size >= c:
-            break
-        blocks, cost = [], 0.0
-        for o0 in range(0, c, size):
-            o1 = min(c, o0 + size)
-            cols = np.flatnonzero(nz[o0:o1].any(axis=0))
-            i0, i1 = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1)
-            blocks.append((o0, o1, i0, i1))
-            cost += (o1 - o0) * (i1 - i0) + 512  # ~ the matmul call overhead in multiply-adds per row
-        if cost < best_cost:
-            best, best_cost = blocks, cost
-    return best
-
-
 def whiten_block(x: np.ndarray, w: np.ndarray, blocks: list[tuple[int, int, int, int]], *,
                  device: str | torch.device, threads: int | None = None) -> np.ndarray:
     """``out[t, i] = sum_j w[i, j] x[t, j]`` (i.e. ``x @ w.T``) with the band structure ``blocks``; float32."""
     device = resolve_device(device)  # "auto" is resolved here, on the machine that runs the block
     with torch_threads(threads):
         xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+        # w as the transpose of a contiguous w.T: the products read w.T's rows, as BLAS prefers
         wt = torch.as_tensor(np.ascontiguousarray(w.T, dtype=np.float32), device=device)
-        if len(blocks) == 1:
-            return (xt @ wt).cpu().numpy()
-        out = torch.empty_like(xt)
-        for o0, o1, i0, i1 in blocks:
-            torch.matmul(xt[:, i0:i1], wt[i0:i1, o0:o1], out=out[:, o0:o1])
-        return out.cpu().numpy()
+        return band_matmul(wt.T, xt, blocks, channels_first=False).cpu().numpy()
 
 
 def reference_whiten_inplace(y: np.ndarray, w: np.ndarray, blocks: list[tuple[int, int, int, int]], *,
