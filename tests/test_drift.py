@@ -264,3 +264,66 @@ def test_kriging_matrix_has_no_subnormal_weights_and_reads_like_the_full_one():
                                rtol=0, atol=1e-5)
     np.testing.assert_allclose(band_matmul(w, sig.T.contiguous(), blocks, channels_first=True).numpy(),
                                (w @ sig.T).numpy(), rtol=0, atol=1e-5)
+
+
+def _reference_peaks(x, *, core, neigh, loc_neigh, cx, cy, threshold, half, loc_half, loc_sigma, loc_iters):
+    """The peak rule of ``drift/peaks.py``'s docstring written plainly in numpy/scipy (no slabs, no candidates)."""
+    from scipy.ndimage import maximum_filter1d
+
+    neg = -x.astype(np.float64)
+    n = len(neg)
+    tmax = maximum_filter1d(neg, size=2 * half + 1, axis=0, mode="constant", cval=-np.inf)
+    smax = tmax[:, neigh].max(axis=2)  # (n, C): the running maximum over each channel's neighbourhood
+    is_peak = (neg == smax) & (neg > threshold)
+    is_peak[: core[0]] = is_peak[core[1]:] = False
+    rows = []
+    for t, ch in zip(*np.nonzero(is_peak)):
+        tt = np.clip(np.arange(t - loc_half, t + loc_half + 1), 0, n - 1)
+        ref = x[tt, ch].astype(np.float64)
+        nbs = loc_neigh[ch]
+        amp = np.maximum(x[tt][:, nbs].T @ ref / max(np.linalg.norm(ref), 1e-6), 0.0)
+        amp[nbs == ch] = 0.0
+        amp[0] = np.linalg.norm(ref)
+        py, px = cy[nbs[0]], cx[nbs[0]]
+        for _ in range(loc_iters):
+            g = amp * np.exp(-((cy[nbs] - py) ** 2 + (cx[nbs] - px) ** 2) / (2 * loc_sigma ** 2))
+            py, px = (g * cy[nbs]).sum() / g.sum(), (g * cx[nbs]).sum() / g.sum()
+        rows.append((t, ch, py, px, neg[t, ch]))
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("slab_rows", [37, 4096])
+def test_peak_search_equals_the_plain_rule(monkeypatch, slab_rows):
+    """Candidates, slabs and the sparse-table running maximum find exactly the peaks of the plain rule."""
+    import torch
+
+    from spikearray.drift import peaks
+    from spikearray.geometry import neighbourhoods
+
+    rng = np.random.default_rng(3)
+    n, c = 900, 24
+    cy, cx = (np.arange(c) // 2) * 20.0, np.array([16.0, 48.0])[np.arange(c) % 2]
+    x = rng.normal(size=(n, c)).astype(np.float32)
+    w = -np.exp(-0.5 * (np.arange(-8, 9) / 2.5) ** 2)
+    for t0, c0, a in zip(rng.integers(8, n - 9, 40), rng.integers(0, c, 40), rng.uniform(5, 15, 40)):
+        x[t0 - 8:t0 + 9] += (a * w)[:, None] * np.exp(-np.hypot(cx - cx[c0], cy - cy[c0]) / 25.0)[None, :]
+    x[100, 5] = x[110, 5] = -20.0  # a tie inside one window: both are peaks by the rule (>= every neighbour)
+    # With 37-row slabs from sample 7, a slab starts at 44: a larger value exactly `half` = 15 samples before it
+    # must still veto the one at 44 (the slab's halo), and one just outside the window must not.
+    x[29, 10], x[44, 10] = -30.0, -25.0
+    x[265, 12], x[229, 12] = -30.0, -25.0  # 265 - 229 = 36 > 15: both are peaks
+    kw = dict(core=(7, n - 7), neigh=neighbourhoods(cx, cy, radius_um=50.0),
+              loc_neigh=neighbourhoods(cx, cy, radius_um=100.0), cx=cx, cy=cy, threshold=5.0, half=15,
+              loc_half=5, loc_sigma=30.0, loc_iters=5)
+    monkeypatch.setattr(peaks, "_SLAB_ROWS", slab_rows)
+    got = peaks._detect_block(x, start=1000, device=torch.device("cpu"), **kw)
+    ref = _reference_peaks(x, **kw)
+    assert len(got) == len(ref) > 30
+    order = np.lexsort((ref[:, 1], ref[:, 0]))
+    ref = ref[order]
+    np.testing.assert_array_equal(got["time"], ref[:, 0].astype(np.int64) + 1000)
+    np.testing.assert_array_equal(got["channel"], ref[:, 1].astype(np.int64))
+    np.testing.assert_allclose(got["amplitude"], ref[:, 4], rtol=1e-6)
+    # float32 (torch) against float64 (numpy) centres of mass: agree to well under a micrometre
+    np.testing.assert_allclose(got["depth"], ref[:, 2], atol=1e-3)
+    np.testing.assert_allclose(got["x"], ref[:, 3], atol=1e-3)

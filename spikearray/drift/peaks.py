@@ -30,7 +30,28 @@ from ..geometry import neighbourhoods, shanks
 
 __all__ = ["detect_peaks"]
 
+#: Samples per slab of the peak search (6 MB of float32 at 384 channels); see _detect_block.
+_SLAB_ROWS = 4096
+
 _FIELDS = ("time", "channel", "depth", "x", "amplitude")
+
+
+def _running_max(v: torch.Tensor, half: int) -> torch.Tensor:
+    """Maximum of ``v`` (time, channel) over ``t - half .. t + half`` at every ``t`` (the edges see fewer samples).
+
+    A sparse table: maxima over windows of 1, 2, 4, ... samples by shifted pairs, then the window of
+    ``2 half + 1`` as the maximum of two overlapping power-of-two windows. Five passes along time instead of
+    max_pool1d, which needs a (channel, time) copy and took 0.22 s for a 2 s, 384-channel chunk at half = 15.
+    Exact, as any maximum.
+    """
+    w = 2 * half + 1
+    pad = torch.full((half, v.shape[1]), -torch.inf, dtype=v.dtype, device=v.device)
+    m = torch.cat([pad, v, pad])
+    p = 1
+    while 2 * p <= w:
+        m = torch.maximum(m[:-p], m[p:])  # row t: max over t .. t + 2p - 1
+        p *= 2
+    return torch.maximum(m[: len(v)], m[w - p: w - p + len(v)])
 
 
 def _detect_block(x: np.ndarray, *, start: int, core: tuple[int, int], neigh: np.ndarray, loc_neigh: np.ndarray,
@@ -41,20 +62,38 @@ def _detect_block(x: np.ndarray, *, start: int, core: tuple[int, int], neigh: np
     dtype = [("time", "i8"), ("channel", "i4"), ("depth", "f4"), ("x", "f4"), ("amplitude", "f4")]
     if n == 0 or c == 0:
         return np.zeros(0, dtype=dtype)
-    neg = -torch.as_tensor(np.ascontiguousarray(x.T), dtype=torch.float32, device=device)  # (C, n)
-    if not torch.isfinite(neg).all():
+    # Kept in the chunk's own (time, channel) layout: every step below is a shift along time or a gather along
+    # channels, so no transposing copy is needed (0.14 s of a 2 s, 384-channel chunk).
+    xt = torch.as_tensor(x, dtype=torch.float32).to(device)  # (n, C); no copy for a float32 chunk on the CPU
+    # One reduction instead of a boolean copy of the chunk: a NaN or an inf anywhere makes the sum non-finite
+    # (whitened values are far too small for a finite sum to overflow).
+    if not bool(torch.isfinite(xt.sum())):
         raise DataError("drift peak detection found NaN or inf in the preprocessed data; check the input stage.")
-    nb = torch.as_tensor(neigh, device=device)
-    # Largest value of -x in ±half samples, then over the spatial neighbourhood: a peak equals that maximum.
-    tmax = torch.nn.functional.max_pool1d(neg[None], 2 * half + 1, stride=1, padding=half)[0]
-    smax = tmax.clone()
-    for k in range(1, nb.shape[1]):
-        smax = torch.maximum(smax, tmax[nb[:, k]])
+    # A peak is a sample of -x above threshold and at least as large as the running maximum (±half samples) of
+    # every neighbour. The spatial test runs only at candidates (above threshold and the running maximum of
+    # their own channel): a spatial maximum of the whole chunk cost 7 full gathers, 0.3 s of a 2 s,
+    # 384-channel chunk, for the ~1 % of samples that can be peaks. Same peaks as comparing with
+    # ``max_k tmax[nb[c, k]]``, since ``tmax[c] >= -x`` and nb[c, 0] = c.
+    # Slabs of _SLAB_ROWS samples: a whole-chunk temporary (92 MB at 384 channels) is a fresh mmap that the
+    # CPU faults in page by page at every allocation (0.1 s per pass); slab temporaries are reused heap memory
+    # and stay in cache.
     lo, hi = core
-    is_peak = (neg == smax) & (neg > threshold)
-    is_peak[:, :lo] = False
-    is_peak[:, hi:] = False
-    ch, t = torch.nonzero(is_peak, as_tuple=True)
+    nb_all = torch.as_tensor(neigh, device=device)
+    found_t, found_ch = [], []
+    for a in range(lo, hi, _SLAB_ROWS):
+        b = min(a + _SLAB_ROWS, hi)
+        s0, s1 = max(0, a - half), min(n, b + half)
+        neg = xt[s0:s1].neg()
+        tmax = _running_max(neg, half)[a - s0: b - s0]
+        core_neg = neg[a - s0: b - s0]
+        t, ch = torch.nonzero((core_neg > threshold) & (core_neg == tmax), as_tuple=True)
+        if len(ch):
+            keep = (tmax.reshape(-1)[t[:, None] * c + nb_all[ch]] <= core_neg[t, ch][:, None]).all(1)
+            found_t.append(t[keep] + a)
+            found_ch.append(ch[keep])
+    if not found_t:
+        return np.zeros(0, dtype=dtype)
+    t, ch = torch.cat(found_t), torch.cat(found_ch)
     out = np.zeros(len(ch), dtype=dtype)
     if len(ch) == 0:
         return out
@@ -63,9 +102,10 @@ def _detect_block(x: np.ndarray, *, start: int, core: tuple[int, int], neigh: np
     # neighbourhood's centre.
     lag = torch.arange(-loc_half, loc_half + 1, device=device)
     tt = (t[:, None] + lag[None, :]).clamp(0, n - 1)  # (P, L)
-    ref = -neg[ch[:, None], tt]  # (P, L) peak-channel waveform
+    flat = xt.reshape(-1)
+    ref = flat[tt * c + ch[:, None]]  # (P, L) peak-channel waveform
     lnb = torch.as_tensor(loc_neigh, device=device)[ch]  # (P, K)
-    seg = -neg[lnb[:, :, None], tt[:, None, :]]  # (P, K, L)
+    seg = flat[(tt * c)[:, None, :] + lnb[:, :, None]]  # (P, K, L): flat gathers, 3x faster than 2-d indexing
     amp_k = torch.relu((seg * ref[:, None, :]).sum(-1) / ref.norm(dim=1).clamp_min(1e-6)[:, None])
     amp_k = torch.where(lnb == ch[:, None], torch.zeros_like(amp_k), amp_k)
     amp_k[:, 0] = torch.relu(ref.norm(dim=1))  # the peak channel itself (first column of its row)
@@ -83,7 +123,7 @@ def _detect_block(x: np.ndarray, *, start: int, core: tuple[int, int], neigh: np
     out["channel"] = ch.cpu().numpy()
     out["depth"] = py.cpu().numpy()
     out["x"] = px.cpu().numpy()
-    out["amplitude"] = neg[ch, t].cpu().numpy()
+    out["amplitude"] = (-flat[t * c + ch]).cpu().numpy()
     order = np.lexsort((out["channel"], out["time"]))
     return out[order]
 
