@@ -197,3 +197,32 @@ def test_matching_folds_the_per_chunk_waveform_sums_into_one_running_total(monke
     out = peel.match(_white(6), _templates(3), _bases(), sa.Settings(Th_learned=3.0))
     assert len(kept) == 6 and all("sums" not in p and "counts" not in p for p in kept)
     assert out["template_count"].values.sum() == out.sizes["spike"]
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="the kernel gives no transparent huge pages")
+@pytest.mark.parametrize("setting, huge", [(None, True), ("0", False)])
+def test_importing_spikearray_asks_torch_for_huge_pages(setting, huge):
+    """Filling a 96 MB CPU tensor made after ``import spikearray`` faults in huge pages (a few hundred faults,
+    not one per 4 KB page: 23,438), unless the user set THP_MEM_ALLOC_ENABLE=0 first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    code = ("import resource, spikearray, torch\n"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "x = torch.empty(24_000_000).fill_(1.0)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    faults = int(out.stdout.strip())
+    assert (faults < 5_000) if huge else (faults > 20_000), faults
