@@ -246,7 +246,7 @@ def test_inconsistent_inputs_raise(exported, tmp_path):
     ds, rec, _ = exported
     bad = ds.copy()
     bad.attrs = {**ds.attrs, "n_samples": ds.attrs["n_samples"] + 7}
-    with pytest.raises(OutputError, match="bytes"):
+    with pytest.raises(OutputError, match="recording given has"):
         export_phy(bad, rec, tmp_path / "a")
     assert not (tmp_path / "a").exists()
     with pytest.raises(OutputError, match="spike_unit"):
@@ -282,3 +282,23 @@ def test_cli_export_phy_and_info(exported, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export-phy", "--help"])
     assert e.value.code == 0 and "--recording" in capsys.readouterr().out
+
+
+def test_sort_of_a_time_range_writes_a_valid_phy_folder(sorted_session, tmp_path):
+    """tmin/tmax sort part of the file: the Phy folder still names the whole file, spike times count from its
+    start, and the folder validates (it failed at the very end of such a sort before: the file was checked
+    against the sorted range's length)."""
+    import spikearray as sa
+
+    rec = sorted_session["recording"]
+    fs = rec.attrs["sampling_rate"]
+    out = tmp_path / "part"
+    sorting = sa.sort(rec, sa.Settings(nblocks=0, batch_size=30000, tmin=1.0, tmax=5.0), output=out, progress=False)
+    st = sorting["spike_time"].values
+    assert len(st) > 50 and st.min() >= 1.0 * fs and st.max() < 5.0 * fs
+    assert sorting.attrs["time_offset_samples"] == int(fs)
+    phy.validate_phy_folder(out / "phy", n_samples=rec.sizes["time"])
+    np.testing.assert_array_equal(np.load(out / "phy" / "spike_times.npy"), st)
+    # again from the saved sorting alone (no recording): the file's length is unknown, the rest is checked
+    again = export_phy(sa.open_sorting(out), None, tmp_path / "phy2")
+    np.testing.assert_array_equal(np.load(again / "spike_times.npy"), st)

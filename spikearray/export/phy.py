@@ -100,7 +100,18 @@ def _recording_info(sorting: xr.Dataset, recording: Any) -> dict:
     fs = a.get("sampling_rate", r.get("sampling_rate"))
     if fs is None:
         raise OutputError("the sorting has no 'sampling_rate' attr and no recording was given; cannot write params.py.")
-    n_samples = a.get("n_samples", recording.sizes["time"] if recording is not None else None)
+    # Samples of the file dat_path names, which spike times count from: the whole recording, not the sorted range
+    # (a sort with tmin/tmax covers part of the file, its spike times already offset by time_offset_samples).
+    if recording is not None:
+        n_samples = recording.sizes["time"]
+        covered = int(a.get("n_samples", 0)) + int(a.get("time_offset_samples", 0))
+        if covered > n_samples:
+            raise OutputError(f"the sorting covers samples up to {covered} (n_samples + time_offset_samples) but "
+                              f"the recording given has {n_samples}: pass the recording that was sorted.")
+    elif "n_samples" in a and _sorted_to_the_end(a):
+        n_samples = int(a["n_samples"]) + int(a.get("time_offset_samples", 0))
+    else:  # the file may go on past the sorted range: its length is unknown here
+        n_samples = None
     return {
         "source": str(get("source", "") or ""),
         "n_channels_dat": int(get("n_file_channels", sorting.sizes.get("channel", 0))),
@@ -109,6 +120,15 @@ def _recording_info(sorting: xr.Dataset, recording: Any) -> dict:
         "sample_rate": float(fs),
         "n_samples": None if n_samples is None else int(n_samples),
     }
+
+
+def _sorted_to_the_end(attrs: dict) -> bool:
+    """Whether the sorting's settings attr (JSON) says it covers the recording to its end (``tmax`` = inf)."""
+    try:
+        tmax = json.loads(attrs["settings"]).get("tmax", "inf") if isinstance(attrs.get("settings"), str) else "inf"
+    except json.JSONDecodeError:
+        return False
+    return str(tmax) == "inf"
 
 
 def _dat_path(source: str, final: Path) -> tuple[list[str] | str, Path | None]:
