@@ -244,7 +244,7 @@ STAGES: tuple[Stage, ...] = (
           _group("detection") + ("device", "torch_threads"), True, "spikearray.detection.detect",
           "space-time matched filter, thresholded at `Th_universal`", "per chunk"),
     Stage("cluster", _cluster, ("spikes", "bases", "corrected"), "templates",
-          _group("clustering") + ("nt", "nt0min", "dmin", "seed"), True,
+          _group("clustering") + ("nt", "nt0min", "dmin", "seed", "torch_threads"), True,
           "spikearray.clustering",
           "spikes grouped by depth (every `2·dmin`), each group clustered on its PCA features, templates "
           "de-duplicated, then full mean waveforms read back from the data", "per group; sampled chunks"),
@@ -253,7 +253,8 @@ STAGES: tuple[Stage, ...] = (
           "spikearray.matching", "matching pursuit with the learned templates, thresholded at `Th_learned`",
           "per chunk"),
     Stage("recluster", _recluster, ("matched", "corrected"), "reclustered",
-          ("seed", "cluster_init_seed", "nt", "nt0min", "acg_threshold"), False, "spikearray.clustering.final",
+          ("seed", "cluster_init_seed", "nt", "nt0min", "acg_threshold", "torch_threads"), False,
+          "spikearray.clustering.final",
           "each template's matched spikes split along their own PCs while the halves are bimodal (Kilosort4's "
           "final clustering, on one template at a time); the pieces' templates read back from the data",
           "per template; sampled chunks"),

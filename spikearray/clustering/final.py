@@ -97,7 +97,8 @@ def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings |
     lab[in_fam] = [pos[int(v)] for v in k[in_fam]]
     times = matched["spike_time"].values
     fs = float(white.attrs["sampling_rate"])
-    means, counts = mean_waveforms(white, times, lab, len(family), nt=s.nt, nt0=s.nt0min_)
+    means, counts = mean_waveforms(white, times, lab, len(family), nt=s.nt, nt0=s.nt0min_,
+                                   torch_threads_=s.torch_threads)
     parents = np.array(split_ids + parent_of_new)
     new_mean = np.concatenate([tmean, np.zeros((Kn - K,) + tmean.shape[1:], tmean.dtype)])
     for i, f in enumerate(family):

@@ -13,12 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 
+from .._compute import default_torch_threads, torch_threads
 from .._engine import ChunkInfo, as_dask, chunk_kernel, run_chunks
 from ..detection.bases import sample_chunks
 
 __all__ = ["mean_waveforms", "full_templates"]
+
+
+#: Spike windows gathered at once by :func:`_sum_block` (256 × 61 samples × 384 channels: 24 MB as float32).
+_WINDOW_BATCH = 256
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,6 +34,7 @@ class _SumContext:
     n_templates: int
     nt: int
     nt0: int
+    threads: int | None = None  # torch threads (None: cores / dask threads, on the machine running the chunk)
 
 
 @chunk_kernel(halo=lambda ctx: 0)  # spikes whose window leaves the chunk are skipped: no halo needed
@@ -42,14 +49,22 @@ def _sum_block(block: np.ndarray, info: ChunkInfo, ctx: _SumContext) -> tuple[np
     rel, lab = rel[ok], labels[ok]
     sums = np.zeros((K, nt, x.shape[1]), np.float64)
     if len(rel):
-        win = x[rel[:, None] + np.arange(nt)[None, :]]  # (n, nt, C)
-        np.add.at(sums, lab, win)
+        # torch's index_add_ adds the windows one after another in spike order, as np.add.at did (same sums),
+        # but 60x faster: np.add.at took 10.1 s for 4,000 spikes of a 2 s, 384-channel chunk. Batches keep the
+        # gathered windows small (all at once they were 375 MB there).
+        xs, out = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(sums)
+        tau = torch.arange(nt)
+        with torch_threads(ctx.threads or default_torch_threads()):
+            for b0 in range(0, len(rel), _WINDOW_BATCH):
+                rb = torch.from_numpy(rel[b0:b0 + _WINDOW_BATCH])
+                out.index_add_(0, torch.from_numpy(lab[b0:b0 + _WINDOW_BATCH]),
+                               xs[rb[:, None] + tau[None, :]].to(torch.float64))  # (b, nt, C)
     return sums, np.bincount(lab, minlength=K)
 
 
 def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.ndarray, n_templates: int, *,
-                   nt: int, nt0: int, n_chunks: int = 24,
-                   max_per_template: int = 400) -> tuple[np.ndarray, np.ndarray]:
+                   nt: int, nt0: int, n_chunks: int = 24, max_per_template: int = 400,
+                   torch_threads_: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean waveform of every label, from spikes in a deterministic, evenly spaced sample of chunks.
 
     Parameters
@@ -67,6 +82,8 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
         Chunks read (evenly spaced).
     max_per_template : int
         Spikes used per template at most (evenly thinned).
+    torch_threads_ : int, optional
+        Torch threads per chunk (default: cores / dask threads).
 
     Returns
     -------
@@ -96,7 +113,7 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     used = [int(i) for i in chosen if ((t_all >= starts[i]) & (t_all < starts[i + 1])).any()]
     if used:
         ctx = _SumContext(times=np.ascontiguousarray(t_all, np.int64), labels=np.ascontiguousarray(l_all, np.int64),
-                          n_templates=int(n_templates), nt=int(nt), nt0=int(nt0))
+                          n_templates=int(n_templates), nt=int(nt), nt0=int(nt0), threads=torch_threads_)
         def add(part: tuple[np.ndarray, np.ndarray]) -> None:  # folded as chunks finish, in chunk order
             sums[...] += part[0]
             counts[...] += part[1]
@@ -121,7 +138,7 @@ def full_templates(white: xr.DataArray, spikes: xr.Dataset, clusters: xr.Dataset
         From :func:`spikearray.clustering.cluster_spikes`: ``template`` (template, channel, sample) PC-feature
         templates and ``spike_cluster`` (spike,).
     settings : Settings
-        Uses ``nt`` and ``nt0min``.
+        Uses ``nt``, ``nt0min`` and ``torch_threads``.
 
     Returns
     -------
@@ -140,7 +157,8 @@ def full_templates(white: xr.DataArray, spikes: xr.Dataset, clusters: xr.Dataset
         values = pc_templates.astype(np.float32)
     else:
         means, counts = mean_waveforms(white, spikes["spike_time"].values, clusters["spike_cluster"].values, K,
-                                       nt=settings.nt, nt0=settings.nt0min_)
+                                       nt=settings.nt, nt0=settings.nt0min_,
+                                       torch_threads_=settings.torch_threads)
         values = np.where((counts >= min_count)[:, None, None], means, pc_templates).astype(np.float32)
     return xr.DataArray(values, dims=("unit", "channel", "sample"), name="templates",
                         coords={"unit": np.arange(K, dtype=np.int64)},
