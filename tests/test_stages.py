@@ -270,3 +270,31 @@ def test_blockwise_best_template_equals_the_plain_maximum():
     np.testing.assert_array_equal(a["time"], b["time"])
     np.testing.assert_array_equal(a["template"], b["template"])
     np.testing.assert_allclose(a["amplitude"], b["amplitude"], rtol=1e-6)
+
+
+def _isolated_reference(x, threshold, nt):
+    """isolated_peaks' rule with dense scipy filters: |x| the largest in ±4 channels × ±5 samples, above
+    threshold, and the only such peak within ±6 channels × ±30 samples; not within nt of either end."""
+    from scipy.ndimage import correlate, maximum_filter
+
+    a = np.abs(x)
+    peak = (a == maximum_filter(a, size=(9, 11), mode="constant", cval=-np.inf)) & (a > threshold)
+    count = correlate(peak.astype(np.int64), np.ones((13, 61), np.int64), mode="constant", cval=0)
+    keep = peak & (count == 1)
+    keep[:, :nt] = keep[:, -nt:] = False
+    return np.nonzero(keep)
+
+
+def test_isolated_peaks_equal_the_dense_rule():
+    """Crowded and lone peaks, chunk edges included: exactly the peaks of the dense-filter rule."""
+    from spikearray.detection.bases import isolated_peaks
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 3000)).astype(np.float32) * 1.6  # many peaks over 4.5: lone ones and crowds
+    x[10, 100], x[16, 130] = 9.0, 8.0  # 6 channels and 30 samples apart: each crowds the other
+    x[30, 200], x[37, 200] = 9.0, 8.0  # 7 channels apart: both may be alone
+    c, t = isolated_peaks(torch.from_numpy(x), 4.5, 61, 20)
+    rc, rt = _isolated_reference(x, 4.5, 61)
+    assert 20 < len(rc) < (np.abs(x) > 4.5).sum()  # some peaks kept, some crowded out
+    np.testing.assert_array_equal(c.numpy(), rc)
+    np.testing.assert_array_equal(t.numpy(), rt)

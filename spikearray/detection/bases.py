@@ -43,17 +43,35 @@ def isolated_peaks(x: torch.Tensor, threshold: float, nt: int, nt0min: int) -> t
     channels, times : tensors of int64
     """
     a = x.abs()
-    # separable max / box pooling: channels first, then time (same result as the 2-D window, far cheaper)
+    # separable max pooling: channels first, then time (same result as the 2-D window, far cheaper)
     local = F.max_pool1d(a.T[None], 9, stride=1, padding=4)[0].T
     local = F.max_pool1d(local[None], 11, stride=1, padding=5)[0]
-    is_peak = ((a == local) & (a > threshold)).float()
-    wide = F.avg_pool1d(is_peak.T[None], 13, stride=1, padding=6, count_include_pad=True)[0].T * 13
-    wide = F.avg_pool1d(wide[None], 61, stride=1, padding=30, count_include_pad=True)[0] * 61
-    keep = (is_peak > 0) & (wide < 1.5)
-    keep[:, :nt] = False
-    keep[:, -nt:] = False
-    c, t = torch.nonzero(keep, as_tuple=True)
-    return c, t
+    c, t = torch.nonzero((a == local) & (a > threshold), as_tuple=True)
+    # alone: no other peak within ±6 channels × ±30 samples, tested on the (few) peaks themselves. Two box sums
+    # over the whole chunk cost 2.4 s of a 2 s, 384-channel chunk for a sparse 0/1 array (this: milliseconds).
+    alone = _alone(c, t, 6, 30)
+    inside = (t >= nt) & (t < a.shape[1] - nt)
+    keep = alone & inside
+    return c[keep], t[keep]  # channel-major, as torch.nonzero lists them
+
+
+def _alone(c: torch.Tensor, t: torch.Tensor, dc: int, dt: int) -> torch.Tensor:
+    """Which of the points ``(c, t)`` have no other point within ``|Δc| <= dc`` and ``|Δt| <= dt``."""
+    alone = torch.ones(len(t), dtype=torch.bool, device=t.device)
+    if len(t) < 2:
+        return alone
+    order = torch.argsort(t, stable=True)
+    ts, cs = t[order], c[order]
+    hi = torch.searchsorted(ts, ts + dt, right=True)  # points i+1 .. hi-1 are within dt after point i
+    crowded = torch.zeros(len(ts), dtype=torch.bool, device=t.device)
+    idx = torch.arange(len(ts), device=t.device)
+    for k in range(1, int((hi - idx).max())):
+        i = idx[:-k][(idx[:-k] + k) < hi[:-k]]
+        near = (cs[i] - cs[i + k]).abs() <= dc
+        crowded[i[near]] = True
+        crowded[i[near] + k] = True
+    alone[order] = ~crowded
+    return alone
 
 
 @dataclass(frozen=True, eq=False)
