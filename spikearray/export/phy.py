@@ -27,6 +27,7 @@ import xarray as xr
 from ..clustering.similarity import template_similarity
 from ..errors import OutputError
 from ..geometry import shanks
+from ..settings import Settings
 from ._atomic import atomic_dir, require_free_space
 from .zarr_store import jsonable
 
@@ -108,7 +109,7 @@ def _recording_info(sorting: xr.Dataset, recording: Any) -> dict:
         if covered > n_samples:
             raise OutputError(f"the sorting covers samples up to {covered} (n_samples + time_offset_samples) but "
                               f"the recording given has {n_samples}: pass the recording that was sorted.")
-    elif "n_samples" in a and _sorted_to_the_end(a):
+    elif "n_samples" in a and np.isinf(Settings.of_sorting(sorting).tmax):  # sorted to the file's end
         n_samples = int(a["n_samples"]) + int(a.get("time_offset_samples", 0))
     else:  # the file may go on past the sorted range: its length is unknown here
         n_samples = None
@@ -120,15 +121,6 @@ def _recording_info(sorting: xr.Dataset, recording: Any) -> dict:
         "sample_rate": float(fs),
         "n_samples": None if n_samples is None else int(n_samples),
     }
-
-
-def _sorted_to_the_end(attrs: dict) -> bool:
-    """Whether the sorting's settings attr (JSON) says it covers the recording to its end (``tmax`` = inf)."""
-    try:
-        tmax = json.loads(attrs["settings"]).get("tmax", "inf") if isinstance(attrs.get("settings"), str) else "inf"
-    except json.JSONDecodeError:
-        return False
-    return str(tmax) == "inf"
 
 
 def _dat_path(source: str, final: Path) -> tuple[list[str] | str, Path | None]:
