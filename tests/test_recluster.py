@@ -18,14 +18,15 @@ def _unit_waveform(peak_channel: int, width: float) -> np.ndarray:
     return (8.0 * space[:, None] * shape[None, :]).astype(np.float32)  # (C, nt), whitened SD units
 
 
-def _matched(units: list[np.ndarray], n_per_unit: int, seed: int = 0):
+def _matched(units: list[np.ndarray], n_per_unit: int | list[int], seed: int = 0):
     """A whitened recording with the units planted, and a 'matched' Dataset that gives all spikes to template 0."""
     rng = np.random.default_rng(seed)
     n = int(20 * FS)
     x = (0.3 * rng.standard_normal((n, C))).astype(np.float32)
-    slots = rng.choice(np.arange(200, n - 200, 150), n_per_unit * len(units), replace=False)
+    counts = [n_per_unit] * len(units) if np.isscalar(n_per_unit) else list(n_per_unit)
+    slots = rng.choice(np.arange(200, n - 200, 150), sum(counts), replace=False)
     times = np.sort(slots)
-    truth = rng.permutation(np.repeat(np.arange(len(units)), n_per_unit))
+    truth = rng.permutation(np.repeat(np.arange(len(units)), counts))
     for t, u in zip(times, truth):
         x[t - NT0:t - NT0 + NT] += units[u].T * rng.uniform(0.9, 1.1)
     white = xr.DataArray(da.from_array(x, chunks=(int(2 * FS), C)), dims=("time", "channel"),
@@ -70,3 +71,33 @@ def test_one_unit_stays_one_template():
     out = split_matched(matched, white, Settings(), min_spikes=30)
     assert np.unique(out["spike_template"].values).tolist() == [0]
     np.testing.assert_array_equal(out["spike_time"].values, matched["spike_time"].values)
+
+
+def test_a_few_large_spikes_sharing_a_template_become_their_own_unit():
+    """A low-rate unit of large spikes (20 spikes, below the 30 of an ordinary piece) inside a busy neighbour's
+    template is taken out: the dense static paper set had four such units of 71-184 µV."""
+    busy, rare = _unit_waveform(2, 2.0), 2.0 * _unit_waveform(5, 3.5)
+    matched, white, truth = _matched([busy, rare], [400, 20], seed=2)
+    feat = matched["spike_features"].values
+    assert np.linalg.norm(feat[truth == 1].mean(0)) > 15.0  # the rare unit's spikes are large ...
+    out = split_matched(matched, white, Settings(), min_spikes=30)
+    lab = out["spike_template"].values
+    assert len(np.unique(lab)) == 2
+    piece = np.bincount(lab[truth == 1]).argmax()
+    assert piece != 0 and np.mean(lab[truth == 1] == piece) >= 0.95 and np.all(truth[lab == piece] == 1)
+    # its template is read back from its own spikes: the planted waveform within 10 % (noise of a 20-spike mean)
+    assert np.linalg.norm(out["template_mean"].values[piece] - rare) < 0.1 * np.linalg.norm(rare)
+    # ... and with pieces of 30 spikes only, they stay in the busy template
+    alone = split_matched(matched, white, Settings(), min_spikes=30, small_piece=None)
+    assert np.unique(alone["spike_template"].values).tolist() == [0]
+
+
+def test_a_few_small_spikes_are_not_taken_out_of_a_template():
+    """20 spikes of a waveform too small for a piece under 30 spikes (norm < SMALL_PIECE_NORM) stay where
+    they are: on the dense paper sets such pieces were fragments of small units, false-positive units alone."""
+    busy, faint = _unit_waveform(2, 2.0), 0.35 * _unit_waveform(6, 3.5)
+    matched, white, truth = _matched([busy, faint], [400, 20], seed=3)
+    feat = matched["spike_features"].values
+    assert np.linalg.norm(feat[truth == 1].mean(0)) < 15.0
+    out = split_matched(matched, white, Settings(), min_spikes=30)
+    assert np.unique(out["spike_template"].values).tolist() == [0]

@@ -26,11 +26,25 @@ from .cluster import clustering_seed, dedup_templates
 from .splitmerge import split_population
 from .templates import mean_waveforms
 
-__all__ = ["split_matched"]
+__all__ = ["split_matched", "SMALL_PIECE_SPIKES", "SMALL_PIECE_NORM"]
+
+#: Fewest spikes of a small piece (:func:`split_matched`'s ``small_piece``); a unit needs more than
+#: ``metrics.sorting.MIN_UNIT_SPIKES`` (10) spikes, and Kilosort4's refractory test more than 10.
+SMALL_PIECE_SPIKES = 12
+
+#: Smallest norm of a small piece's mean feature vector (whitened: noise has unit variance per feature), 2.5
+#: times ``Th_learned``'s default. The dense static paper set (seed 2205) holds low-rate units of large spikes
+#: (17-59 spikes in 100 s, 71-184 µV) that share a template with a neighbour; pieces of 30 spikes could not
+#: take them out. Their pieces' norms were 15-38; the small pieces of 23-28 µV units, which are fragments
+#: of units whose other spikes lie elsewhere, 7-14. Measured (well detected / false-positive units):
+#: static 170 / 4 → 173 / 4 with (12, 15); (12, 12) 173 / 6, (12, 20) 172 / 4, (10, 15) 173 / 4; the
+#: drifting set 142 / 13 at (12, 15) and (12, 20), 143 / 14 at (10, 15).
+SMALL_PIECE_NORM = 15.0
 
 
 def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings | None = None, *,
-                  min_spikes: int = 30, split_above: float = 0.75, n_dims: int = 10) -> xr.Dataset:
+                  min_spikes: int = 30, split_above: float = 0.75, n_dims: int = 10,
+                  small_piece: tuple[int, float] | None = (SMALL_PIECE_SPIKES, SMALL_PIECE_NORM)) -> xr.Dataset:
     """Split matched templates whose spikes form more than one cluster in feature space.
 
     Parameters
@@ -49,6 +63,11 @@ def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings |
         Bimodality score (0–1) a split needs, as in the first clustering.
     n_dims : int
         Principal components of the features used per split.
+    small_piece : (int, float) or None
+        ``(n, norm)``: a split that ``min_spikes`` refuses still takes out a piece of at least ``n`` spikes
+        whose mean feature vector (whitened, the template's channels × PCs) has at least this norm — a whole
+        low-rate unit of large spikes that shares a template with a neighbour (see
+        :data:`SMALL_PIECE_NORM`). ``None``: pieces of ``min_spikes`` only.
 
     Returns
     -------
@@ -69,15 +88,16 @@ def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings |
     tmean = matched["template_mean"].values
     tchan = matched["template_channels"].values
     K = len(tmean)
+    least = min_spikes if small_piece is None else min(min_spikes, small_piece[0])
     parent_of_new: list[int] = []
     split_ids: list[int] = []
     for j in range(K):
         idx = np.flatnonzero(k == j)
-        if len(idx) < 2 * min_spikes:
+        if len(idx) < min_spikes + least:
             continue
         X = feat[idx].reshape(len(idx), -1).astype(np.float64)
         parts = split_population(X, seed=clustering_seed(s), n_dims=n_dims, min_size=min_spikes,
-                                 split_above=split_above)
+                                 split_above=split_above, small=small_piece)
         if len(parts) < 2:
             continue
         split_ids.append(j)
@@ -102,8 +122,11 @@ def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings |
     parents = np.array(split_ids + parent_of_new)
     new_mean = np.concatenate([tmean, np.zeros((Kn - K,) + tmean.shape[1:], tmean.dtype)])
     for i, f in enumerate(family):
-        # a piece too rare in the sampled chunks keeps its parent's mean
-        new_mean[f] = means[i] if counts[i] >= min(20, min_spikes) else tmean[parents[i]]
+        # a piece too rare in the sampled chunks keeps its parent's mean (a small piece: fewer than its own
+        # minimum; lowering the bar for every piece changed the read-back of ordinary pieces and cost 7 false
+        # positive units on the dense static set)
+        need = min(20, min_spikes) if np.sum(k == f) >= min_spikes else least
+        new_mean[f] = means[i] if counts[i] >= need else tmean[parents[i]]
     # pieces whose read-back means are the same waveform are one unit after all (the first clustering's
     # de-duplication rule, Kilosort4's: similarity >= 0.9 and norms within 20 %). On GT-A a unit's spikes
     # split 296/86 into two pieces of equal norm, too few spikes for the refractory merge to decide.

@@ -107,27 +107,53 @@ def pca(X: np.ndarray, n: int) -> np.ndarray:
 
 
 def _split(X_full: np.ndarray, idx: np.ndarray, seed: int, n_dims: int, min_size: int, split_above: float,
-           depth: int = 0) -> list[np.ndarray]:
-    """Recursively split ``idx`` in two (k-means on the subset's own PCs) while the halves are bimodal."""
-    if len(idx) < 2 * min_size or depth > 6:
+           depth: int = 0, small: tuple[int, float] | None = None) -> list[np.ndarray]:
+    """Recursively split ``idx`` in two (k-means on the subset's own PCs) while the halves are bimodal.
+
+    With ``small = (n, norm)``, a split that the size rule refuses (one half under ``min_size`` rows) still
+    takes that half out when it holds at least ``n`` rows whose mean has at least ``norm`` and the halves
+    are bimodal: a few spikes of a large waveform, a whole low-rate unit. Neither half is split again, so
+    the pieces the size rule gives are the same with or without ``small``.
+    """
+    least = min_size if small is None else min(min_size, small[0])
+    if len(idx) < min_size + least or depth > 6:
         return [idx]
     X = pca(X_full[idx], min(n_dims, X_full.shape[1]))
     lab = kmeans(X, 2, seed)
     a, b = np.flatnonzero(lab == 0), np.flatnonzero(lab == 1)
-    if min(len(a), len(b)) < min_size or _pair_score(X, a, b) < split_above:
+    if min(len(a), len(b)) < min_size:
+        lo, hi = (a, b) if len(a) < len(b) else (b, a)
+        if (small is not None and len(lo) >= small[0] and len(hi) >= min_size
+                and float(np.linalg.norm(X_full[idx[lo]].mean(0))) >= small[1]
+                and _pair_score(X, lo, hi) >= split_above):
+            return [idx[hi], idx[lo]]
         return [idx]
-    return (_split(X_full, idx[a], seed, n_dims, min_size, split_above, depth + 1)
-            + _split(X_full, idx[b], seed, n_dims, min_size, split_above, depth + 1))
+    if _pair_score(X, a, b) < split_above:
+        return [idx]
+    return (_split(X_full, idx[a], seed, n_dims, min_size, split_above, depth + 1, small)
+            + _split(X_full, idx[b], seed, n_dims, min_size, split_above, depth + 1, small))
 
 
 def split_population(X: np.ndarray, *, seed: int = 0, n_dims: int = 10, min_size: int = 20,
-                     split_above: float = 0.75) -> list[np.ndarray]:
+                     split_above: float = 0.75, small: tuple[int, float] | None = None) -> list[np.ndarray]:
     """Row indices of the pieces of ``X`` (n, D) after recursive bimodal splitting (one piece: no split).
 
     Each split is a seeded 2-means on the subset's own top ``n_dims`` principal components, kept when the
-    halves' bimodality score is at least ``split_above`` and both have ``min_size`` rows (depth ≤ 6).
+    halves' bimodality score is at least ``split_above`` and both have ``min_size`` rows (depth ≤ 6). With
+    ``small = (n, norm)``, a half of fewer than ``min_size`` rows is still taken out when it has at least
+    ``n`` rows whose mean has a norm of at least ``norm`` (neither half is split further); the pieces found
+    without ``small`` are unchanged.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X = np.vstack([rng.normal(0, 1, (200, 8)), rng.normal(0, 1, (15, 8)) + 20])
+    >>> [len(p) for p in split_population(X, min_size=30)]
+    [215]
+    >>> sorted(len(p) for p in split_population(X, min_size=30, small=(12, 15.0)))
+    [15, 200]
     """
-    return _split(np.asarray(X, np.float64), np.arange(len(X)), seed, n_dims, min_size, split_above)
+    return _split(np.asarray(X, np.float64), np.arange(len(X)), seed, n_dims, min_size, split_above, small=small)
 
 
 def split_merge(X_full: np.ndarray, *, n_dims: int = 10, seed: int = 0, k_init: int | None = None,
