@@ -60,6 +60,31 @@ def test_memo_makes_a_value_once_per_context_and_key():
     assert len(calls) == 2
 
 
+def test_memo_makes_a_value_once_when_threads_ask_for_it_together():
+    """Two chunk tasks that need the same value at the same time: the second waits for the first's instead of
+    making it again (matching's filter spectrum was made by both threads of the first chunks)."""
+    import threading
+    import time
+
+    class Ctx:
+        pass
+
+    ctx, calls, got = Ctx(), [], []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.2)
+        return object()
+
+    threads = [threading.Thread(target=lambda: got.append(memo(ctx, "v", slow))) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(calls) == 1
+    assert len(got) == 4 and all(v is got[0] for v in got)
+
+
 def _white(n_chunks: int, chunk: int = 600, C: int = 8) -> xr.DataArray:
     data = da.random.RandomState(0).standard_normal((n_chunks * chunk, C), chunks=(chunk, C)).astype(np.float32)
     return xr.DataArray(data, dims=("time", "channel"),

@@ -8,7 +8,7 @@ from spikearray._engine import ChunkInfo
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.splitmerge import bimodality_score, split_merge
 from spikearray.detection.detect import correlate_fft
-from spikearray.matching.peel import _context, _match_block, low_rank, sparsify
+from spikearray.matching.peel import _compressed, _context, _match_block, _scores, _subtract_windows, _tensors, low_rank, sparsify
 from spikearray.metrics.groundtruth import compare_to_truth
 from spikearray.metrics.refractory import ccg_metrics, correlogram, is_refractory
 
@@ -270,6 +270,54 @@ def test_blockwise_best_template_equals_the_plain_maximum():
     np.testing.assert_array_equal(a["time"], b["time"])
     np.testing.assert_array_equal(a["template"], b["template"])
     np.testing.assert_allclose(a["amplitude"], b["amplitude"], rtol=1e-6)
+
+
+def test_scores_equal_the_direct_correlation_with_every_template():
+    """The frequency-domain scores (one FFT per channel, spatial products on the spectra) are the correlation
+    of the chunk with each low-rank template, divided by its norm, computed here sample by sample in numpy."""
+    rng = np.random.default_rng(5)
+    K, C, nt, nt0, L = 12, 40, 61, 20, 700
+    pos = np.c_[np.zeros(C), 20.0 * np.arange(C)]
+    pcs = np.linalg.qr(rng.standard_normal((nt, 6)))[0].T.astype(np.float32)
+    wave = -np.exp(-0.5 * ((np.arange(nt) - nt0) / 3.0) ** 2)
+    U = np.stack([(6 + 6 * rng.random()) * np.exp(-0.5 * ((np.arange(C) - c0) / 2.0) ** 2)[:, None] * wave[None]
+                  + 0.3 * rng.standard_normal((C, nt)) * (np.abs(np.arange(C) - c0) < 4)[:, None]
+                  for c0 in rng.integers(2, C - 2, K)]).astype(np.float32)
+    ctx = _ctx(U, pcs, th=6.0, drop_tol=3.0, positions=pos)
+    c = _tensors(ctx, torch.device("cpu"))
+    x = rng.standard_normal((C, L)).astype(np.float32)
+    got = _scores(torch.from_numpy(x), ctx, c, torch.device("cpu")).numpy()
+    Ur = ctx.Ur.astype(np.float64)  # the matcher's low-rank, sparse templates
+    xp = np.pad(x.astype(np.float64), ((0, 0), (nt, nt)))
+    win = np.stack([xp[:, nt + t - nt0:nt + t - nt0 + nt] for t in range(L)])  # (L, C, nt), zero outside x
+    want = np.einsum("lcs,kcs->kl", win, Ur) / np.linalg.norm(Ur.reshape(K, -1), axis=1)[:, None]
+    assert got.shape == (K, L)
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
+
+
+def test_subtracting_windows_visits_each_templates_own_entries():
+    """target[rows[e], t + d] -= a · values[e, d] for each spike (t, k, a) and each entry e of template k, in
+    order (spikes sharing samples accumulate), against a plain loop; templates of 0, 1 and 5 entries."""
+    rng = np.random.default_rng(3)
+    R, L, D = 9, 300, 7
+    mask = np.zeros((3, R), bool)
+    mask[1, 4] = True
+    mask[2, [0, 2, 3, 7, 8]] = True
+    ptr, rows = _compressed(mask)
+    assert ptr.tolist() == [0, 0, 1, 6] and rows.tolist() == [4, 0, 2, 3, 7, 8]
+    values = rng.standard_normal((len(rows), D)).astype(np.float32)
+    t = np.array([10, 12, 12, 100, 250, 40], np.int64)
+    k = np.array([2, 1, 2, 0, 2, 1], np.int64)
+    a = rng.uniform(0.5, 2.0, len(t)).astype(np.float32)
+    target = rng.standard_normal((R, L)).astype(np.float32)
+    want = target.copy()
+    for ti, ki, ai in zip(t, k, a):
+        for e in range(ptr[ki], ptr[ki + 1]):
+            want[rows[e], ti + np.arange(D)] -= ai * values[e]
+    got = torch.from_numpy(target.copy())
+    _subtract_windows(got, torch.from_numpy(t), torch.from_numpy(k), torch.from_numpy(a), torch.from_numpy(ptr),
+                      torch.from_numpy(rows), torch.from_numpy(values), torch.arange(D))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
 
 
 def _isolated_reference(x, threshold, nt):
