@@ -112,8 +112,8 @@ def _split(X_full: np.ndarray, idx: np.ndarray, seed: int, n_dims: int, min_size
 
     With ``small = (n, norm)``, a split that the size rule refuses (one half under ``min_size`` rows) still
     takes that half out when it holds at least ``n`` rows whose mean has at least ``norm`` and the halves
-    are bimodal: a few spikes of a large waveform, a whole low-rate unit. Neither half is split again, so
-    the pieces the size rule gives are the same with or without ``small``.
+    are bimodal: a few spikes of a large waveform, a whole low-rate unit. Neither half is split again; every
+    split that the size rule accepts is made exactly as without ``small``.
     """
     least = min_size if small is None else min(min_size, small[0])
     if len(idx) < min_size + least or depth > 6:
@@ -141,8 +141,8 @@ def split_population(X: np.ndarray, *, seed: int = 0, n_dims: int = 10, min_size
     Each split is a seeded 2-means on the subset's own top ``n_dims`` principal components, kept when the
     halves' bimodality score is at least ``split_above`` and both have ``min_size`` rows (depth ≤ 6). With
     ``small = (n, norm)``, a half of fewer than ``min_size`` rows is still taken out when it has at least
-    ``n`` rows whose mean has a norm of at least ``norm`` (neither half is split further); the pieces found
-    without ``small`` are unchanged.
+    ``n`` rows whose mean has a norm of at least ``norm`` (neither half is split further); the splits that
+    the size rule accepts are unchanged.
 
     Examples
     --------
