@@ -141,10 +141,6 @@ _NOISE_FACTOR = 1.0  # dropped energy allowed per channel, in units of the templ
 #: 128-channel set (141 well detected instead of 143); 400 µm loses none there.
 MAX_RADIUS_UM = 400.0
 _SPIKE_BATCH = 512  # spikes per batched score/residual update (bounds the index arrays)
-#: A block's running maximum is refreshed over the whole span of its touched columns when the span is at most
-#: this many times their number (no gather); the gathered columns were 14 % of matching's time on the dense
-#: 128-channel set, where a peel touches most of a chunk.
-_SPAN_FACTOR = 4
 
 
 def _row_groups(spatial: np.ndarray, positions: np.ndarray,
@@ -444,17 +440,9 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
             touched &= valid[None, :]
             for g in torch.nonzero(touched.any(1), as_tuple=True)[0].tolist():
                 cg = torch.nonzero(touched[g], as_tuple=True)[0]
-                c0, c1 = int(cg[0]), int(cg[-1]) + 1
-                if c1 - c0 <= _SPAN_FACTOR * len(cg):
-                    # the touched columns mostly fill their span: the maximum over the whole span (a strided
-                    # view, no gather), which is unchanged at the untouched columns between them
-                    v, j = bs[g * B:(g + 1) * B, c0:c1].max(0)
-                    gmax[g, c0:c1] = v
-                    gidx[g, c0:c1] = j + g * B
-                else:
-                    v, j = bs[g * B:(g + 1) * B, cg].max(0)
-                    gmax[g, cg] = v
-                    gidx[g, cg] = j + g * B
+                v, j = bs[g * B:(g + 1) * B, cg].max(0)
+                gmax[g, cg] = v
+                gidx[g, cg] = j + g * B
             v, gb = gmax[:, cols].max(0)
             Cfmax[cols] = torch.relu(v) ** 2
             kbest[cols] = gidx[gb, cols]
