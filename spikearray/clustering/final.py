@@ -58,7 +58,8 @@ def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings |
     settings : Settings
         Uses ``seed`` and ``cluster_init_seed`` (the clustering seed), ``nt``, ``nt0min``, ``acg_threshold``.
     min_spikes : int
-        Each piece keeps at least this many spikes; templates with fewer than twice this are not tested.
+        Each piece keeps at least this many spikes (but see ``small_piece``); templates with fewer than this
+        plus the smallest piece allowed are not tested.
     split_above : float
         Bimodality score (0–1) a split needs, as in the first clustering.
     n_dims : int
@@ -121,11 +122,12 @@ def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings |
                                    torch_threads_=s.torch_threads)
     parents = np.array(split_ids + parent_of_new)
     new_mean = np.concatenate([tmean, np.zeros((Kn - K,) + tmean.shape[1:], tmean.dtype)])
+    sizes = np.bincount(k, minlength=Kn)
     for i, f in enumerate(family):
         # a piece too rare in the sampled chunks keeps its parent's mean (a small piece: fewer than its own
         # minimum; lowering the bar for every piece changed the read-back of ordinary pieces and cost 7 false
         # positive units on the dense static set)
-        need = min(20, min_spikes) if np.sum(k == f) >= min_spikes else least
+        need = min(20, min_spikes) if sizes[f] >= min_spikes else least
         new_mean[f] = means[i] if counts[i] >= need else tmean[parents[i]]
     # pieces whose read-back means are the same waveform are one unit after all (the first clustering's
     # de-duplication rule, Kilosort4's: similarity >= 0.9 and norms within 20 %). On GT-A a unit's spikes
