@@ -327,3 +327,40 @@ def test_peak_search_equals_the_plain_rule(monkeypatch, slab_rows):
     # float32 (torch) against float64 (numpy) centres of mass: agree to well under a micrometre
     np.testing.assert_allclose(got["depth"], ref[:, 2], atol=1e-3)
     np.testing.assert_allclose(got["x"], ref[:, 3], atol=1e-3)
+
+
+def test_each_segment_is_read_with_its_own_rounded_displacement():
+    """The correction of a chunk equals, segment by segment, ``kriging_matrix(shift) @ x`` in numpy, with each
+    block's displacement taken at the segment's middle and rounded to the quantum, and each channel's shift
+    mixed from its blocks; a chunk that starts and ends inside segments included, however it is chunked."""
+    from spikearray.drift.correction import kriging_matrix
+
+    fs, n, C = 30_000.0, 9_000, 48
+    x = np.array([43.0, 11.0, 59.0, 27.0] * (C // 4))
+    y = 20.0 * (np.arange(C) // 2)
+    rng = np.random.default_rng(3)
+    sig = rng.standard_normal((n, C)).astype(np.float32)
+    rec = xr.DataArray(sig, dims=("time", "channel"),
+                       coords={"x": ("channel", x), "y": ("channel", y)}, attrs={"sampling_rate": fs})
+    # two blocks moving apart fast (3 µm over 0.3 s), so many segments differ
+    t = np.array([0.0, 0.1, 0.2, 0.3])
+    disp = np.stack([np.linspace(0.0113, 3.0137, 4), np.linspace(0.0071, -2.0213, 4)], 1)  # no rounding ties
+    drift = xr.Dataset({"displacement": (("time", "block"), disp)},
+                       coords={"time": t, "depth": ("block", [100.0, 400.0]), "block_shank": ("block", [0, 0])},
+                       attrs={"settings": "{}", "drift_correction": "nonrigid"})
+    seg, quantum = 300, 0.1
+    outs = [correct(rec.copy(data=da.from_array(sig, chunks=(ch, C))), drift, segment_ms=10.0,
+                    quantum_um=quantum).values for ch in (9_000, 1_000, 2_345)]
+    # the reference: per segment, the blocks' displacements rounded, each channel's mix of them, one dense matrix
+    from spikearray.drift.registration import depth_weights, time_weights
+
+    w = depth_weights(y, np.array([100.0, 400.0]))
+    ref = np.empty_like(sig)
+    for s in range(n // seg):
+        k0, k1, f = time_weights(np.array([(s + 0.5) * seg]), t * fs)
+        d = (1 - f[0]) * disp[k0[0]] + f[0] * disp[k1[0]]
+        shift = w @ (np.rint(d / quantum) * quantum)
+        m = kriging_matrix(x, y, np.zeros(C, int), shift, 20.0).astype(np.float32)
+        ref[s * seg:(s + 1) * seg] = sig[s * seg:(s + 1) * seg] @ m.T
+    for out in outs:
+        np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
