@@ -32,6 +32,7 @@ are the means.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ import xarray as xr
 from scipy.fft import next_fast_len
 
 from .._compute import channels_first, default_torch_threads, irfft, resolve_device, rfft, torch_threads
-from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
+from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, merge_short_chunks, run_chunks
 from ..errors import DataError
 from ..geometry import nearest_channels, positions, shanks
 from ..settings import Settings
@@ -225,6 +226,7 @@ class _MatchContext:
     block: int  # templates per block of the running maximum (consecutive ids)
     nb_blocks: np.ndarray  # (K, Bn) the blocks holding the templates that overlap each template (padded)
     pcs: np.ndarray  # (P, nt)
+    n_fft: int = 0  # FFT length of every chunk (0: each chunk's own); one length, one filter spectrum
 
 
 _TENSORS = ("Tm", "rows", "Ur", "inv_norm", "nb_ptr", "nb", "ctc_nb", "chan_ptr", "chan", "ur_nb", "nearU",
@@ -358,7 +360,7 @@ def _scores(x: torch.Tensor, ctx: _MatchContext, c: dict[str, Any], dev: torch.d
     C, L = x.shape
     nt, nt0 = ctx.nt, ctx.nt0
     K = c["Ur"].shape[0]
-    n = next_fast_len(L + nt, real=True)
+    n = ctx.n_fft if ctx.n_fft >= L + nt else next_fast_len(L + nt, real=True)
     nf = n // 2 + 1
     filt = _filter_spectrum(ctx, n, dev)
     Xr = torch.view_as_real(rfft(x, n=n)).reshape(C, 2 * nf)  # (C, 2·nf): re, im interleaved
@@ -372,7 +374,11 @@ def _scores(x: torch.Tensor, ctx: _MatchContext, c: dict[str, Any], dev: torch.d
     return irfft(Bf, n=n)[:, shift:shift + L] * c["inv_norm"][:, None]
 
 
-@chunk_kernel(halo=lambda ctx: 3 * ctx.nt)
+def _halo(ctx: _MatchContext) -> int:
+    return 3 * ctx.nt
+
+
+@chunk_kernel(halo=_halo)
 def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict[str, Any]:
     dev = resolve_device(ctx.device)
     c = _tensors(ctx, dev)
@@ -570,7 +576,13 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     # the per-template waveform sums (K, C, nt) of every chunk are folded as the chunks finish: kept per chunk
     # they were 47 MB each on a 384-channel, 500-unit recording, 14 GB over 600 s
     means = _SumFold(K, C, nt)
-    parts = run_chunks(_match_block, as_dask(white), ctx, name="match", fold=means) if K else []
+    data = as_dask(white)
+    # every chunk at the FFT length of the longest (with its halos): the first and last chunks are shorter, and
+    # a length of their own cost a filter spectrum each (K·rank × n/2 complex: 0.26 GB at K = 190, 0.7 GB at
+    # K = 480, and ~1 s to make)
+    longest = max(merge_short_chunks(data.chunks[0], _halo(ctx))) + 2 * _halo(ctx) if data.shape[0] else 0
+    ctx = dataclasses.replace(ctx, n_fft=next_fast_len(min(longest, data.shape[0]) + nt, real=True))
+    parts = run_chunks(_match_block, data, ctx, name="match", fold=means) if K else []
     empty = _empty(ctx)
     cat = {k: np.concatenate([p[k] for p in parts]) if parts else empty[k]
            for k in ("time", "template", "amplitude", "score", "features")}
