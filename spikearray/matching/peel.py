@@ -444,12 +444,14 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
             touched.zero_()
             touched[nb_blocks[k][:, :, None], (t[:, None] + dl[None, :])[:, None, :]] = True
             touched &= valid[None, :]
+            # index_select, not bs[rows, cols]: torch's advanced indexing took 2.4-4.4x as long for these
+            # column gathers (a (14, 3000) gather of a (190, 60750) array: 68 vs 301 µs)
             for g in torch.nonzero(touched.any(1), as_tuple=True)[0].tolist():
                 cg = torch.nonzero(touched[g], as_tuple=True)[0]
-                v, j = bs[g * B:(g + 1) * B, cg].max(0)
+                v, j = torch.index_select(bs[g * B:(g + 1) * B], 1, cg).max(0)
                 gmax[g, cg] = v
                 gidx[g, cg] = j + g * B
-            v, gb = gmax[:, cols].max(0)
+            v, gb = torch.index_select(gmax, 1, cols).max(0)
             Cfmax[cols] = torch.relu(v) ** 2
             kbest[cols] = gidx[gb, cols]
         if not times:
