@@ -31,12 +31,10 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import dask
 import dask.array as da
-import dask.threaded
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
 from dask.callbacks import Callback
-from dask.core import get_dependencies
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 from tqdm.auto import tqdm
@@ -310,9 +308,8 @@ def compute_tasks(tasks: Sequence[Delayed], *, desc: str = "", window: int | Non
     bounds how many inputs are read ahead) and the bar follows the futures as they finish. On the threaded
     scheduler the tasks run in consecutive windows of ``window`` (default: 2 × the cores): handed all at
     once, dask starts reading every input chunk before the first kernel finishes, so peak memory would grow
-    with the recording's length. Windows keep it bounded by a few chunks. The input chunks at a window's border,
-    which the next window's halos read too, are handed on to it as data instead of being made again (reading
-    and drift-correcting a chunk is not cheap; with windows of 4 each chunk was made 1.5 times on average).
+    with the recording's length. Windows keep it bounded by a few chunks, at the price of reading the one
+    chunk shared by two windows' halos twice.
 
     fold : callable, optional
         Applied to each result as it arrives, in the order of ``tasks`` (so deterministically), in the calling
@@ -344,52 +341,13 @@ def compute_tasks(tasks: Sequence[Delayed], *, desc: str = "", window: int | Non
             f.release()
         return out
     window = window or 2 * dask_thread_count()
-    graph: dict = {}
-    for g in {id(g): g for g in (t.__dask_graph__() for t in tasks)}.values():
-        graph.update(g)
-    windows = [[t.key for t in tasks[i:i + window]] for i in range(0, len(tasks), window)]
     out = []
-    carried: dict = {}
     with tqdm(total=len(tasks), desc=desc, unit="chunk", disable=not progress) as bar:
         with _TqdmCallback(bar, {t.key for t in tasks}):
-            for w, keys in enumerate(windows):
-                need = _closure(graph, keys, carried)
-                # the inputs the next window shares with this one (the chunks at the border, whose halos both
-                # read) are kept and handed to it instead of being made again: with windows of 4 chunks, 74
-                # corrections of a 2 s chunk ran for 50 chunks
-                ahead = _closure(graph, windows[w + 1], {}) - need if w + 1 < len(windows) else set()
-                keep_for_next = sorted({d for k in ahead for d in get_dependencies(graph, k) if d in need}, key=str)
-                sub = {k: graph[k] for k in need if k not in carried}
-                sub.update({k: _literal(k, carried[k]) for k in need if k in carried})
-                values = dask.threaded.get(sub, keys + keep_for_next)
-                out.extend(keep(r) for r in values[:len(keys)])
-                carried = dict(zip(keep_for_next, values[len(keys):]))
-                del values
+            for i in range(0, len(tasks), window):
+                out.extend(keep(r) for r in dask.compute(*tasks[i:i + window], scheduler="threads"))
                 release_memory()
     return out
-
-
-def _closure(graph: dict, keys: Sequence, known: dict) -> set:
-    """``keys`` and every key they depend on in ``graph``, not looking past the keys in ``known``."""
-    seen: set = set()
-    stack = list(keys)
-    while stack:
-        k = stack.pop()
-        if k in seen:
-            continue
-        seen.add(k)
-        if k not in known:
-            stack.extend(get_dependencies(graph, k))
-    return seen
-
-
-def _literal(key: Any, value: Any) -> Any:
-    """``value`` as a graph entry that is data, not a task (dask's task spec since 2024.12; a plain value before)."""
-    try:
-        from dask._task_spec import DataNode
-    except ImportError:  # pragma: no cover - older dask: a value that is not a task is data
-        return value
-    return DataNode(key, value)
 
 
 def run_chunks(kernel: Callable[..., Any], data: da.Array, context: Any, *, name: str,

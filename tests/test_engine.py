@@ -205,35 +205,6 @@ def test_compute_tasks_folds_each_result_in_task_order_and_keeps_what_the_fold_r
     assert compute_tasks(tasks, window=3)[2]["i"] == 2  # no fold: the results themselves
 
 
-def test_windows_hand_their_border_chunks_on_instead_of_making_them_again():
-    """Chunks run in windows; a window's halos read the chunks at its borders, which the next window needs too.
-    Every input chunk is made once (it was 1.5 times with windows of 4), and the results are those of one
-    synchronous compute."""
-    import dask
-    import dask.array as da
-
-    from spikearray._engine import compute_tasks
-
-    made = []
-
-    def produce(x, block_info=None):  # stands for reading and drift-correcting one chunk
-        made.append(block_info[0]["chunk-location"][0])
-        return x * 2.0
-
-    data = da.from_array(np.arange(200.0).reshape(100, 2), chunks=(10, 2)).map_blocks(produce, dtype=float)
-
-    @chunk_kernel(halo=lambda ctx: ctx)
-    def total(block, info, ctx):
-        return float(block.sum()), len(block)
-
-    tasks = map_chunks(total, data, 3, name="border")
-    expected = list(dask.compute(*tasks, scheduler="sync"))
-    for window in (1, 3, 4, 20):
-        made.clear()
-        assert compute_tasks(tasks, window=window) == expected
-        assert sorted(made) == list(range(10))  # each chunk made once
-
-
 def test_matching_folds_the_per_chunk_waveform_sums_into_one_running_total(monkeypatch):
     """The (template, channel, sample) sums of each chunk are added as chunks finish, never all kept: the fold
     the matcher hands to run_chunks strips them from every chunk's result."""
