@@ -76,17 +76,10 @@ def kriging_matrix(x: np.ndarray, y: np.ndarray, shank: np.ndarray, shift: np.nd
 
     Parameters
     ----------
-    x, y : ndarray, (C,)
-        Contact positions, µm.
-    shank : ndarray, (C,)
-        Shank of each contact; no signal crosses shanks.
+    x, y, shank, sig, inverse
+        As :func:`kriging_rows` (``inverse`` does not depend on ``shift``: pass it when building many matrices).
     shift : ndarray, (C,)
         Displacement at each channel, µm (positive: read higher up).
-    sig : float
-        Kernel width ``sig_interp``, µm.
-    inverse : ndarray (C, C), optional
-        :func:`kriging_inverse` of the same geometry (it does not depend on ``shift``; pass it when building
-        many matrices).
 
     Returns
     -------
