@@ -346,3 +346,42 @@ def test_isolated_peaks_equal_the_dense_rule():
     assert 20 < len(rc) < (np.abs(x) > 4.5).sum()  # some peaks kept, some crowded out
     np.testing.assert_array_equal(c.numpy(), rc)
     np.testing.assert_array_equal(t.numpy(), rt)
+
+
+def test_every_chunk_is_matched_at_one_fft_length(monkeypatch):
+    """A recording whose first, middle and last chunks would round to three FFT sizes is matched at one (the
+    longest chunk's), so one filter spectrum serves them all; the planted spikes are found in every chunk."""
+    import dask.array as da
+    import xarray as xr
+    from scipy.fft import next_fast_len
+
+    import spikearray as sa
+    import spikearray.matching.peel as peel
+
+    rng = np.random.default_rng(5)
+    C, nt, nt0, chunk, n = 8, 61, 20, 1000, 3300
+    lengths = {next_fast_len(L + nt, real=True) for L in (chunk + 183, chunk + 366, n % chunk + 183)}
+    assert len(lengths) == 3  # the chunks' own FFT sizes differ
+    pos = np.c_[np.zeros(C), 20.0 * np.arange(C)]
+    wave = -np.exp(-0.5 * ((np.arange(nt) - nt0) / 3.0) ** 2)
+    U = (12.0 * np.exp(-0.5 * ((np.arange(C) - 3.5) / 1.5) ** 2)[:, None] * wave[None, :]).astype(np.float32)
+    x = 0.3 * rng.standard_normal((n, C)).astype(np.float32)
+    planted = [150, 900, 1480, 2600, 3150]
+    for t in planted:
+        x[t - nt0:t - nt0 + nt] += U.T
+    white = xr.DataArray(da.from_array(x, chunks=(chunk, C)), dims=("time", "channel"),
+                         coords={"x": ("channel", pos[:, 0]), "y": ("channel", pos[:, 1])},
+                         attrs={"sampling_rate": 30000.0})
+    templates = xr.DataArray(U[None], dims=("unit", "channel", "sample"))
+    bases = xr.Dataset({"pc": (("pc", "sample"), np.linalg.qr(rng.standard_normal((nt, 6)))[0].T)})
+    sizes = []
+    spectrum = peel._filter_spectrum
+
+    def record(ctx, n_fft, dev):
+        sizes.append(n_fft)
+        return spectrum(ctx, n_fft, dev)
+
+    monkeypatch.setattr(peel, "_filter_spectrum", record)
+    out = peel.match(white, templates, bases, sa.Settings(nt=nt, nt0min=nt0, Th_learned=6.0, Th_bounded=6.0))
+    assert len(sizes) == 4 and set(sizes) == {max(lengths)}
+    assert out["spike_time"].values.tolist() == planted

@@ -580,8 +580,8 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     means = _SumFold(K, C, nt)
     data = as_dask(white)
     # every chunk at the FFT length of the longest (with its halos): the first and last chunks are shorter, and
-    # a length of their own cost a filter spectrum each (K·rank × n/2 complex: 0.26 GB at K = 190, 0.7 GB at
-    # K = 480, and ~1 s to make)
+    # where their own FFT size differs, it cost a filter spectrum of its own (K·rank × n/2 complex: 0.26 GB at
+    # K = 190, ~0.7 GB at K = 480, and ~1.4 s to make)
     longest = max(merge_short_chunks(data.chunks[0], _halo(ctx))) + 2 * _halo(ctx) if data.shape[0] else 0
     ctx = dataclasses.replace(ctx, n_fft=next_fast_len(min(longest, data.shape[0]) + nt, real=True))
     parts = run_chunks(_match_block, data, ctx, name="match", fold=means) if K else []
