@@ -8,7 +8,8 @@ from spikearray._engine import ChunkInfo
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.splitmerge import bimodality_score, split_merge
 from spikearray.detection.detect import correlate_fft
-from spikearray.matching.peel import _compressed, _context, _match_block, _scores, _subtract_windows, _tensors, low_rank, sparsify
+from spikearray.matching.peel import (_compressed, _context, _match_block, _scores, _subtract_windows, _tensors,
+                                      low_rank, sparsify)
 from spikearray.metrics.groundtruth import compare_to_truth
 from spikearray.metrics.refractory import ccg_metrics, correlogram, is_refractory
 

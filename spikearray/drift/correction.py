@@ -112,8 +112,8 @@ class _Mover:
     only when one of its blocks' rounded displacements does. A chunk makes each (channel, shift) row once and
     applies every segment's rows in one batched product per band block. On 20 s of the 384-channel drifting
     benchmark set (synchronous scheduler) the correction took 12.1 s when it made 455 whole matrices (7 ms each)
-    and ran 16 small products per 10 ms segment; it takes 4.7 s now, of which 0.4 s is reading the traces, and gives the same traces to 2e-6 (float32
-    rounding of a different summation order).
+    and ran 16 small products per 10 ms segment; it takes 4.7 s now, of which 0.4 s is reading the traces, and
+    gives the same traces to 2e-6 (float32 rounding of a different summation order).
     """
 
     def __init__(self, drift: xr.Dataset, rec: xr.DataArray, sig: float, segment: int, quantum: float,
@@ -161,7 +161,7 @@ class _Mover:
         # every (channel, shift) row the chunk needs, made once: key = shift · C + channel
         keys, which = np.unique((q * c + np.arange(c)).ravel(), return_inverse=True)
         chan = keys % c
-        rows = kriging_rows(self.cx, self.cy, self.shank, chan, (keys - chan) // c * 1e-6, self.sig,
+        rows = kriging_rows(self.cx, self.cy, self.shank, chan, (keys - chan) // c * _KEY_UM, self.sig,
                             inverse=self.inverse)
         # one band layout for the chunk: the union of its rows' non-zeros
         nz = np.zeros((c, c), bool)
