@@ -8,8 +8,8 @@ from spikearray._engine import ChunkInfo
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.splitmerge import bimodality_score, split_merge
 from spikearray.detection.detect import correlate_fft
-from spikearray.matching.peel import (_compressed, _context, _match_block, _scores, _subtract_windows, _tensors,
-                                      low_rank, sparsify)
+from spikearray.matching.peel import (_compressed, _context, _match_block, _row_groups, _scores, _subtract_windows,
+                                      _tensors, low_rank, sparsify)
 from spikearray.metrics.groundtruth import compare_to_truth
 from spikearray.metrics.refractory import ccg_metrics, correlogram, is_refractory
 
@@ -294,6 +294,45 @@ def test_scores_equal_the_direct_correlation_with_every_template():
     want = np.einsum("lcs,kcs->kl", win, Ur) / np.linalg.norm(Ur.reshape(K, -1), axis=1)[:, None]
     assert got.shape == (K, L)
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
+
+
+def test_row_groups_hold_whole_templates_of_nearly_the_same_channel_range():
+    """Each template's rows sit in one group; a group reads every channel its rows use, reaches at most the
+    slack beyond its widest template's range, and the groups cost fewer multiply-adds than groups of rows taken
+    in peak order (templates ten channels wide at every depth, every third one 40 channels wide)."""
+    rng = np.random.default_rng(2)
+    C, K, rank = 128, 60, 6
+    spatial, rows = [], []
+    for k in range(K):
+        width = 40 if k % 3 == 0 else 10
+        c0 = int(rng.integers(0, C - width))
+        for _ in range(rank):
+            row = np.zeros(C, np.float32)
+            row[c0:c0 + width] = rng.standard_normal(width)
+            spatial.append(row)
+            rows.append(k)
+    spatial, rows = np.array(spatial), np.array(rows)
+    spatial[5] = 0.0  # a row that sparsify emptied is left out
+    order, groups = _row_groups(spatial, rows, 48, 8)
+    assert sorted(order.tolist()) == [r for r in range(len(rows)) if r != 5]
+    cost = 0
+    for r0, r1, chans in groups:
+        g = order[r0:r1]
+        assert r1 - r0 <= 48
+        assert set(np.flatnonzero((spatial[g] != 0).any(0))) <= set(chans.tolist())
+        widest = max(np.ptp(np.flatnonzero((spatial[rows == k] != 0).any(0))) + 1 for k in np.unique(rows[g]))
+        assert len(chans) <= widest + 8
+        cost += (r1 - r0) * len(chans)
+    where = {}
+    for i, (r0, r1, _) in enumerate(groups):
+        for r in order[r0:r1]:
+            where.setdefault(int(rows[r]), set()).add(i)
+    assert all(len(v) == 1 for v in where.values())
+    # the previous rule: 48 rows at a time in the order of their peak channel, reading the groups' whole range
+    by_peak = order[np.argsort(np.abs(spatial[order]).argmax(1), kind="stable")]
+    old = sum(len(g) * (np.ptp(np.flatnonzero((spatial[g] != 0).any(0))) + 1)
+              for g in np.array_split(by_peak, -(-len(by_peak) // 48)))
+    assert cost < 0.7 * old, (cost, old)
 
 
 def test_subtracting_windows_visits_each_templates_own_entries():

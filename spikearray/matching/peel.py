@@ -128,6 +128,7 @@ def sparsify(spatial: np.ndarray, rows: np.ndarray, n_templates: int, tol: float
 
 _ROW_GROUP = 48  # rows per correlation product (bounds the (rows, frequency) arrays)
 _SLICE_SLACK = 1.25  # a group's channels are read as one slice when their span is at most this × their number
+_SPAN_SLACK = 8  # channels a row group may reach beyond its widest template's range (four rows of a 2-column probe)
 #: Amplitude scales (``B / |U|²``) at which a spike needs only ``Th_bounded`` instead of ``Th_learned``: a
 #: spike of a unit's own size. Noise alone reaches a scale of 0.7 on a template only if its score is 0.7 |U|,
 #: so the lower threshold changes nothing for templates with |U| above Th_learned / 0.7 (8.6 whitened SD at
@@ -145,28 +146,52 @@ MAX_RADIUS_UM = 400.0
 _SPIKE_BATCH = 512  # spikes per batched score/residual update (bounds the index arrays)
 
 
-def _row_groups(spatial: np.ndarray, positions: np.ndarray,
-                group: int = _ROW_GROUP) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
-    """Row order and ``(r0, r1, channels)`` groups of up to ``group`` rows with their non-zero channels.
+def _row_groups(spatial: np.ndarray, rows: np.ndarray, group: int = _ROW_GROUP,
+                slack: int = _SPAN_SLACK) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
+    """Row order and ``(r0, r1, channels)`` groups of up to ``group`` rows with the channels they read.
 
-    Rows that lost every channel to :func:`sparsify` are left out. The others are ordered by the position of
-    their peak channel along the probe, so a group's rows sit close together and ``S[g][:, channels] @
-    x[channels]`` covers a short stretch of the probe, whatever the channel numbering.
+    A group's spatial product ``S[g][:, channels] @ x[channels]`` costs its rows times its channels, so a
+    group holds whole templates (``rows``: the template of each row) whose channel ranges nearly coincide:
+    templates are taken in the order of their first and last channel, and the next one joins the group while
+    the group's range stays within ``slack`` channels of its widest member's. Rows that lost every channel to
+    :func:`sparsify` are left out.
     """
     nz = spatial != 0
     live = np.flatnonzero(nz.any(1))
-    peak = np.abs(spatial[live]).argmax(1)
-    order = live[np.lexsort((positions[peak, 0], positions[peak, 1]))]
-    groups = []
-    for r0 in range(0, len(order), group):
-        r1 = min(len(order), r0 + group)
-        chans = np.flatnonzero(nz[order[r0:r1]].any(0))
-        if chans.size and chans[-1] - chans[0] + 1 <= _SLICE_SLACK * chans.size:
+    if live.size == 0:
+        return live, []
+    templates = np.unique(rows[live])
+    lo = np.array([np.flatnonzero(nz[live[rows[live] == k]].any(0))[[0, -1]] for k in templates])  # (T, 2)
+    by_range = np.lexsort((lo[:, 1], lo[:, 0]))
+    members = {int(k): live[rows[live] == k] for k in templates}
+    order, groups = [], []
+    cur: list[int] = []
+    g_lo = g_hi = widest = 0
+    for i in by_range:
+        k, a, b = int(templates[i]), int(lo[i, 0]), int(lo[i, 1])
+        n_rows = sum(len(members[j]) for j in cur)
+        if cur and (n_rows + len(members[k]) <= group
+                    and max(g_hi, b) - min(g_lo, a) + 1 <= max(widest, b - a + 1) + slack):
+            cur.append(k)
+            g_lo, g_hi, widest = min(g_lo, a), max(g_hi, b), max(widest, b - a + 1)
+            continue
+        if cur:
+            groups.append(cur)
+        cur, g_lo, g_hi, widest = [k], a, b, b - a + 1
+    groups.append(cur)
+    out = []
+    r0 = 0
+    for ks in groups:
+        rr = np.concatenate([members[k] for k in ks])
+        order.append(rr)
+        chans = np.flatnonzero(nz[rr].any(0))
+        if chans[-1] - chans[0] + 1 <= _SLICE_SLACK * chans.size:
             # (nearly) a contiguous stretch: read it as a slice of the chunk, the few gaps with zero weights,
             # rather than copying the rows out (index_select was 0.85 s of a 3.5 s 384-channel chunk)
             chans = np.arange(chans[0], chans[-1] + 1)
-        groups.append((r0, r1, chans))
-    return order, groups
+        out.append((r0, r0 + len(rr), chans))
+        r0 += len(rr)
+    return np.concatenate(order), out
 
 
 def _rows(x: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
@@ -254,7 +279,7 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
     K, C, nt = templates.shape
     spatial, temporal, rows = low_rank(templates, rank, tol=0.5 * th)
     spatial = sparsify(spatial, rows, K, drop_tol, positions)
-    order, groups = _row_groups(spatial, positions)
+    order, groups = _row_groups(spatial, rows)
     spatial, temporal, rows = spatial[order], temporal[order], rows[order]
     Ur = np.zeros((K, C, nt), np.float64)
     np.add.at(Ur, rows, spatial[:, :, None].astype(np.float64) * temporal[:, None, :])
