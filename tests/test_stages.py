@@ -273,6 +273,23 @@ def test_blockwise_best_template_equals_the_plain_maximum():
     np.testing.assert_allclose(a["amplitude"], b["amplitude"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("L", [4036, 4096 + 61, 9999])
+def test_blocked_fft_correlation_matches_numpy_across_block_edges(L):
+    """Rows longer than two OLS_BLOCKs are filtered block by block (overlap-save); every output sample, at the
+    block edges and in a short last block, equals numpy's correlation, for one shared and for per-row filters."""
+    from spikearray.detection.detect import OLS_BLOCK
+
+    rng = np.random.default_rng(L)
+    nt, nt0 = 61, 20
+    x = rng.standard_normal((3, L)).astype(np.float32)
+    for w in (rng.standard_normal((1, nt)).astype(np.float32), rng.standard_normal((3, nt)).astype(np.float32)):
+        got = correlate_fft(torch.from_numpy(x), torch.from_numpy(w), nt0).numpy()
+        xp = np.pad(x.astype(np.float64), ((0, 0), (nt0, nt - 1 - nt0)))  # zero outside x
+        ref = np.stack([np.correlate(xp[r], w[min(r, len(w) - 1)].astype(np.float64), "valid") for r in range(3)])
+        assert got.shape == (3, L) and L + nt > 2 * OLS_BLOCK
+        np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+
+
 def test_scores_equal_the_direct_correlation_with_every_template():
     """The frequency-domain scores (one FFT per channel, spatial products on the spectra) are the correlation
     of the chunk with each low-rank template, divided by its norm, computed here sample by sample in numpy."""
