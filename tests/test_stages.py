@@ -290,6 +290,21 @@ def test_blocked_fft_correlation_matches_numpy_across_block_edges(L):
         np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
 
 
+def test_gathered_windows_equal_indexing_sample_by_sample_and_stay_in_their_row():
+    from spikearray._compute import gather_windows
+    from spikearray.errors import SpikearrayError
+
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.standard_normal((7, 300)).astype(np.float32))
+    chans = torch.from_numpy(rng.integers(0, 7, (40, 5)))
+    starts = torch.from_numpy(rng.integers(0, 300 - 21 + 1, 40))
+    starts[0], starts[1] = 0, 300 - 21  # a row's first and last window
+    want = x[chans[:, :, None], (starts[:, None] + torch.arange(21))[:, None, :]]
+    assert torch.equal(gather_windows(x, chans, starts, 21), want)
+    with pytest.raises(SpikearrayError, match="outside rows of 300 samples"):
+        gather_windows(x, chans, starts + 1, 21)  # the last window would run into the next channel's row
+
+
 def test_scores_equal_the_direct_correlation_with_every_template():
     """The frequency-domain scores (one FFT per channel, spatial products on the spectra) are the correlation
     of the chunk with each low-rank template, divided by its norm, computed here sample by sample in numpy."""

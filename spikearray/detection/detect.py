@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import xarray as xr
 from scipy.fft import next_fast_len
 
-from .._compute import (band_blocks, band_matmul, channels_first, default_torch_threads, irfft, resolve_device, rfft,
-                        torch_threads)
+from .._compute import (band_blocks, band_matmul, channels_first, default_torch_threads, gather_windows, irfft,
+                        resolve_device, rfft, torch_threads)
 from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
 from ..geometry import channel_distances, nearest_channels, positions, shanks
 from ..settings import Settings
@@ -162,8 +162,7 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: _DetectContext) -> di
         wsum = vals.sum(1).clamp_min(1e-12)
         sx = (vals * pos[chans, 0]).sum(1) / wsum
         sy = (vals * pos[chans, 1]).sum(1) / wsum
-        win = t[:, None] - nt0 + torch.arange(nt, device=dev)[None, :]
-        snip = x[chans[:, :, None], win[:, None, :]]  # (n, nC, nt)
+        snip = gather_windows(x, chans, t - nt0, nt)  # (n, nC, nt)
         feat = snip @ g["pcs"].T  # (n, nC, P)
         return {
             "time": (t_glob0 + t).cpu().numpy().astype(np.int64),

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 import xarray as xr
 from scipy.fft import next_fast_len
 
-from .._compute import (channels_first, default_torch_threads, irfft, resolve_device, rfft, torch_threads,
-                        wide_matmul)
+from .._compute import (channels_first, default_torch_threads, gather_windows, irfft, resolve_device, rfft,
+                        torch_threads, wide_matmul)
 from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, merge_short_chunks, run_chunks
 from ..errors import DataError
 from ..geometry import nearest_channels, positions, shanks
@@ -503,7 +503,7 @@ def _match_block(block: np.ndarray, info: ChunkInfo, ctx: _MatchContext) -> dict
         feats = []
         for b0 in range(0, len(t), _SPIKE_BATCH):
             tb, kb, ab = t[b0:b0 + _SPIKE_BATCH], k[b0:b0 + _SPIKE_BATCH], a[b0:b0 + _SPIKE_BATCH]
-            res = x[mc[kb][:, :, None], (tb[:, None] - nt0 + tau[None, :])[:, None, :]]  # (b, M, nt) residual
+            res = gather_windows(x, mc[kb], tb - nt0, nt)  # (b, M, nt) residual
             local.index_add_(0, kb, res)
             nearest = torch.gather(res, 1, near[kb][:, :, None].expand(-1, -1, nt)) + ab[:, None, None] * ur_near[kb]
             feats.append(nearest @ pcs.T)  # (b, nC, P)
