@@ -264,7 +264,7 @@ def test_blockwise_best_template_equals_the_plain_maximum():
         x[:, t - nt0:t - nt0 + nt] += (0.8 + 0.4 * rng.random()) * U[rng.integers(K)]
     ctx = _ctx(U, pcs, th=6.0, drop_tol=3.0, positions=pos)
     assert ctx.block < K
-    plain = dataclasses.replace(ctx, block=K, nb_blocks=np.zeros((K, 1), np.int64))
+    plain = dataclasses.replace(ctx, block=K, blk_ptr=np.arange(K + 1), blk=np.zeros(K, np.int64))
     a = _match_block(x.T.copy(), ChunkInfo(0, L, 0), ctx)
     b = _match_block(x.T.copy(), ChunkInfo(0, L, 0), plain)
     assert len(a["time"]) > 300
