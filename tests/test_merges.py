@@ -4,8 +4,8 @@ import numpy as np
 import xarray as xr
 
 from spikearray._cache import materialize
-from spikearray.clustering.merge import (absorb_fragments, ccg_merge, denoised_templates, drift_merge, redundant_units,
-                                        remove_duplicates)
+from spikearray.clustering.merge import (SAME_WAVEFORM_RATIO, absorb_fragments, ccg_merge, denoised_templates,
+                                        drift_merge, redundant_units, remove_duplicates, same_waveform_merge)
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.templates import mean_waveforms
 
@@ -203,3 +203,35 @@ def test_redundant_units_drops_the_weaker_template_of_a_coinciding_pair():
     norms = np.array([40.0, 10.0])
     assert redundant_units(t, u, 2, delta=12, max_fraction=0.4, norms=norms).tolist() == [False, False]
     assert redundant_units(t, u, 2, delta=12, max_fraction=0.4, norms=norms[::-1]).tolist() == [True, False]
+
+
+def test_same_waveform_merge_joins_pieces_of_one_small_unit_not_a_neighbour_or_a_second_neuron():
+    """Three pieces of ~170 spikes of one small unit (1 noise SD on a few channels, the pieces' means ~0.8
+    alike) become one; a neighbour with the same shape three channels away stays apart, and so does a second
+    neuron of the same waveform firing 0.5 ms after the first (its union breaks the refractory period)."""
+    rng = np.random.default_rng(4)
+    nC, P = 10, 6
+    wave = np.zeros((nC, P))
+    wave[:3, :2] = 0.4 * np.array([[2.5, -1.0], [1.5, 0.5], [1.0, 0.8]])
+    other = 1.5 * np.roll(wave, 3, axis=0)  # a larger neighbour of the same shape three channels away
+    train = _train(rng, 5.0, 100)  # one neuron's ~500 spikes, cut in three pieces
+    n = len(train)
+    piece = np.arange(n) % 3
+    neighbour = _train(rng, 5.0, 100)
+    overlap = np.sort(train[rng.choice(n, 80, replace=False)]) + 15  # 0.5 ms after the unit's: a second neuron
+    t = np.concatenate([train, neighbour, overlap])
+    u = np.concatenate([piece, np.full(len(neighbour), 3), np.full(len(overlap), 4)])
+    feat = np.concatenate([wave + rng.standard_normal((n, nC, P)), other + rng.standard_normal((len(neighbour), nC, P)),
+                           wave + rng.standard_normal((len(overlap), nC, P))])
+    chans = np.tile(np.arange(nC), (5, 1))
+    # the pieces' means are noisy: their plain similarity is below the 0.9 of the de-duplication rule
+    m = np.stack([feat[u == j].mean(0).ravel() for j in range(3)])
+    assert (m[0] @ m[1]) / np.linalg.norm(m[0]) / np.linalg.norm(m[1]) < 0.9
+    _, merged, parent = same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2)
+    assert len(set(parent[:3].tolist())) == 1
+    assert parent[3] == 3 and parent[4] == 4
+    assert np.unique(merged).size == 3
+    # with a ratio threshold of 0 nothing can merge
+    assert np.unique(same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2,
+                                         max_ratio=0.0)[1]).size == 5
+    assert SAME_WAVEFORM_RATIO == 4.0

@@ -10,7 +10,8 @@ import numpy as np
 import xarray as xr
 
 from .._version import __version__
-from ..clustering.merge import absorb_fragments, ccg_merge, drift_merge, redundant_units, remove_duplicates
+from ..clustering.merge import (absorb_fragments, ccg_merge, drift_merge, redundant_units, remove_duplicates,
+                               same_waveform_merge)
 from ..geometry import positions
 from ..outputs import empty_variable, sorting_dataset
 from ..settings import Settings
@@ -132,6 +133,8 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
         parent = parent2[parent]
     t, unit, parent3 = absorb_fragments(t, unit, tmean, sampling_rate=fs, acg_threshold=s.acg_threshold)
     parent = parent3[parent]
+    t, unit, parent4 = same_waveform_merge(t, unit, k, feat, tchan, sampling_rate=fs, acg_threshold=s.acg_threshold)
+    parent = parent4[parent]
     # merged spikes keep their features on their original template's channels: move them onto the survivor's
     moved = unit != k
     if moved.any():
