@@ -161,14 +161,16 @@ def _row_groups(spatial: np.ndarray, rows: np.ndarray, group: int = _ROW_GROUP,
     if live.size == 0:
         return live, []
     templates = np.unique(rows[live])
-    lo = np.array([np.flatnonzero(nz[live[rows[live] == k]].any(0))[[0, -1]] for k in templates])  # (T, 2)
-    by_range = np.lexsort((lo[:, 1], lo[:, 0]))
+    # each template's first and last channel (a range in the channel order, which on a probe read in depth
+    # order is a stretch of the probe)
+    ranges = np.array([np.flatnonzero(nz[live[rows[live] == k]].any(0))[[0, -1]] for k in templates])  # (T, 2)
+    by_range = np.lexsort((ranges[:, 1], ranges[:, 0]))
     members = {int(k): live[rows[live] == k] for k in templates}
     order, groups = [], []
     cur: list[int] = []
     g_lo = g_hi = widest = 0
     for i in by_range:
-        k, a, b = int(templates[i]), int(lo[i, 0]), int(lo[i, 1])
+        k, a, b = int(templates[i]), int(ranges[i, 0]), int(ranges[i, 1])
         n_rows = sum(len(members[j]) for j in cur)
         if cur and (n_rows + len(members[k]) <= group
                     and max(g_hi, b) - min(g_lo, a) + 1 <= max(widest, b - a + 1) + slack):
