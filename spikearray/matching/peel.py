@@ -350,6 +350,16 @@ def _compressed(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ptr, np.nonzero(mask)[1].astype(np.int64)
 
 
+def _entries(ptr: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(owner, e)``: every entry ``e`` of the compressed lists of templates ``k`` (``ptr[k[i]] <= e <
+    ptr[k[i] + 1]``, :func:`_compressed`), with ``owner`` the index ``i`` it belongs to, spike by spike."""
+    first, count = ptr[k], ptr[k + 1] - ptr[k]
+    owner = torch.repeat_interleave(torch.arange(len(k), device=k.device), count)
+    # entry of spike i: first[i] + (its rank among spike i's entries)
+    e = torch.arange(owner.numel(), device=k.device) - (torch.cumsum(count, 0) - count)[owner] + first[owner]
+    return owner, e
+
+
 def _subtract_windows(target: torch.Tensor, t: torch.Tensor, k: torch.Tensor, a: torch.Tensor, ptr: torch.Tensor,
                       rows: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> None:
     """``target[rows[e], t + offsets[d]] -= a · values[e, d]`` for every fitted spike ``(t, k, a)`` and every
@@ -366,12 +376,9 @@ def _subtract_windows(target: torch.Tensor, t: torch.Tensor, k: torch.Tensor, a:
     flat = target.view(-1)
     for b0 in range(0, len(t), _SPIKE_BATCH):
         tb, kb, ab = t[b0:b0 + _SPIKE_BATCH], k[b0:b0 + _SPIKE_BATCH], a[b0:b0 + _SPIKE_BATCH]
-        first, count = ptr[kb], ptr[kb + 1] - ptr[kb]
-        owner = torch.repeat_interleave(torch.arange(len(kb), device=kb.device), count)
+        owner, e = _entries(ptr, kb)
         if owner.numel() == 0:
             continue
-        # entry e of spike i: first[i] + (its rank among spike i's entries)
-        e = torch.arange(owner.numel(), device=kb.device) - (torch.cumsum(count, 0) - count)[owner] + first[owner]
         idx = rows[e][:, None] * L + (tb[owner][:, None] + offsets[None, :])
         flat.index_add_(0, idx.reshape(-1), (values[e] * (-ab[owner])[:, None]).reshape(-1))
 
@@ -398,9 +405,8 @@ def _refresh_maxima(bs: torch.Tensor, gmax: torch.Tensor, gidx: torch.Tensor, Cf
     for b0 in range(0, len(t), _SPIKE_BATCH):
         start = t[b0:b0 + _SPIKE_BATCH] - (nt - 1)
         kb = k[b0:b0 + _SPIKE_BATCH]
-        first, count = blk_ptr[kb], blk_ptr[kb + 1] - blk_ptr[kb]
-        owner = torch.repeat_interleave(torch.arange(len(kb), device=dev), count)
-        g = blk[torch.arange(owner.numel(), device=dev) - (torch.cumsum(count, 0) - count)[owner] + first[owner]]
+        owner, e = _entries(blk_ptr, kb)
+        g = blk[e]
         s0 = start[owner]
         rows = (g[:, None] * B + in_block).clamp_max(K - 1)  # (pairs, B); the last block may be short
         v, j = gather_windows(bs, rows, s0, width).max(1)  # (pairs, width)
