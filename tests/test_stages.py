@@ -290,6 +290,19 @@ def test_blocked_fft_correlation_matches_numpy_across_block_edges(L):
         np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("n", [100, 8192, 8192 * 2 + 5])
+def test_wide_matmul_writes_the_product_into_the_given_output_whatever_the_column_blocks(n):
+    from spikearray._compute import WIDE_COLUMNS, wide_matmul
+
+    rng = np.random.default_rng(n)
+    a = torch.from_numpy(rng.standard_normal((5, 7)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal((7, n)).astype(np.float32))
+    out = torch.full((5, n), np.nan)
+    got = wide_matmul(a, b, out)
+    assert got.data_ptr() == out.data_ptr() and WIDE_COLUMNS == 8192
+    np.testing.assert_allclose(out.numpy(), a.double().numpy() @ b.double().numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_gathered_windows_equal_indexing_sample_by_sample_and_stay_in_their_row():
     from spikearray._compute import gather_windows
     from spikearray.errors import SpikearrayError
