@@ -4,8 +4,9 @@ import numpy as np
 import xarray as xr
 
 from spikearray._cache import materialize
-from spikearray.clustering.merge import (SAME_WAVEFORM_RATIO, absorb_fragments, ccg_merge, denoised_templates,
-                                        drift_merge, redundant_units, remove_duplicates, same_waveform_merge)
+from spikearray.clustering.merge import (SAME_WAVEFORM_RATIO, SAME_WAVEFORM_RATIO_NEAR, absorb_fragments, ccg_merge,
+                                        denoised_templates, drift_merge, redundant_units, remove_duplicates,
+                                        same_waveform_merge)
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.templates import mean_waveforms
 
@@ -235,3 +236,47 @@ def test_same_waveform_merge_joins_pieces_of_one_small_unit_not_a_neighbour_or_a
     assert np.unique(same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2,
                                          max_ratio=0.0)[1]).size == 5
     assert SAME_WAVEFORM_RATIO == 4.0
+    # with contact positions, the neighbour (60 µm away) still stays apart from the pieces
+    pos = np.stack([np.zeros(nC), 20.0 * np.arange(nC)], 1)
+    parent = same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2, positions=pos)[2]
+    assert len(set(parent[:3].tolist())) == 1 and parent[3] == 3 and parent[4] == 4
+
+
+def test_same_waveform_merge_joins_a_unit_split_by_its_noise_where_both_halves_sit():
+    """A unit of ~2,000 spikes cut in two by the sign of its noise along one direction (as matching splits a
+    neuron between two near-identical templates): the halves' means differ by ~1.6 noise SD along that
+    direction, far more than averaging noise (ratio ~8), so without positions they stay apart; with positions
+    (both halves peak on the same contact) they join. A neighbour with a distinct waveform 60 µm away, cut the
+    same way, does not join either half."""
+    rng = np.random.default_rng(8)
+    nC, P = 10, 6
+    wave = np.zeros((nC, P))
+    wave[3:6, :2] = [[3.0, -1.0], [4.0, 1.0], [2.0, 0.5]]
+    away = np.roll(wave, 3, axis=0)  # the same shape three contacts (60 µm) along
+    train = _train(rng, 20.0, 100)
+    n = len(train)
+    noise = rng.standard_normal((n, nC, P))
+    direction = rng.standard_normal((nC, P))
+    direction /= np.linalg.norm(direction)
+    half = (np.einsum("ncp,cp->n", noise, direction) > 0).astype(np.int64)
+    other = _train(rng, 5.0, 100)
+    t = np.concatenate([train, other])
+    u = np.concatenate([half, np.full(len(other), 2)])
+    feat = np.concatenate([wave + noise, away + rng.standard_normal((len(other), nC, P))])
+    chans = np.tile(np.arange(nC), (3, 1))
+    pos = np.stack([np.zeros(nC), 20.0 * np.arange(nC)], 1)
+    kw = dict(sampling_rate=FS, acg_threshold=0.2)
+    # the halves differ by more than SAME_WAVEFORM_RATIO but less than SAME_WAVEFORM_RATIO_NEAR
+    x0 = feat[u == 0].reshape(-1, nC * P)
+    x1 = feat[u == 1].reshape(-1, nC * P)
+    take = np.linspace(0, min(len(x0), len(x1)) - 1, 400).round().astype(int)
+    x0, x1 = x0[take], x1[take]
+    ratio = ((x0.mean(0) - x1.mean(0)) ** 2).sum() / (x0.var(0, ddof=1) / 400 + x1.var(0, ddof=1) / 400).sum()
+    assert SAME_WAVEFORM_RATIO < ratio < SAME_WAVEFORM_RATIO_NEAR
+    assert np.unique(same_waveform_merge(t, u, u, feat, chans, **kw)[1]).size == 3
+    _, merged, parent = same_waveform_merge(t, u, u, feat, chans, positions=pos, **kw)
+    assert parent[0] == parent[1] and parent[2] == 2
+    assert np.unique(merged).size == 2
+    # it is the near limit that joins them: with it at the plain limit, or no contact counted near, they stay apart
+    assert same_waveform_merge(t, u, u, feat, chans, positions=pos, max_ratio_near=SAME_WAVEFORM_RATIO, **kw)[2][1] == 1
+    assert same_waveform_merge(t, u, u, feat, chans, positions=pos, near_um=-1.0, **kw)[2][1] == 1

@@ -133,7 +133,8 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
         parent = parent2[parent]
     t, unit, parent3 = absorb_fragments(t, unit, tmean, sampling_rate=fs, acg_threshold=s.acg_threshold)
     parent = parent3[parent]
-    t, unit, parent4 = same_waveform_merge(t, unit, k, feat, tchan, sampling_rate=fs, acg_threshold=s.acg_threshold)
+    t, unit, parent4 = same_waveform_merge(t, unit, k, feat, tchan, sampling_rate=fs, acg_threshold=s.acg_threshold,
+                                           positions=pos)
     parent = parent4[parent]
     # merged spikes keep their features on their original template's channels: move them onto the survivor's
     moved = unit != k
