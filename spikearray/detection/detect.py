@@ -134,22 +134,27 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: _DetectContext) -> di
         Amax = band_matmul(Wsp[0], y, blocks, channels_first=True)
         for i in range(1, Wsp.shape[0]):
             torch.maximum(Amax, band_matmul(Wsp[i], y, blocks, channels_first=True), out=Amax)
-        # local maximum over ±nt0 samples (per channel), then over the ~100 µm neighbourhood — the latter only
-        # at the few candidate samples, through the time-pooled array
-        pooled = F.max_pool1d(Amax[None], 2 * nt0 + 1, stride=1, padding=nt0)[0]
-        peak = (Amax >= pooled) & (Amax > ctx.th)
-        # trough window must fit inside the block, and inside the core range
+        # a peak: above threshold and the largest score within ±nt0 samples on its channel and on the channels
+        # within ~100 µm. Tested only where the score crosses the threshold and beats its two neighbours in
+        # time, by gathering windows there; pooling the whole (C, L) array (max_pool1d) and comparing it took
+        # 5.3 of 22.5 s of this kernel on 60 s of the 384-channel set, for the same peaks.
         t_glob0 = info.start - info.left
+        # the trough window must fit inside the block, and the peak inside the core range
         lo = max(nt, info.left) if info.start > 0 else nt
-        peak[:, :lo] = False
         core_end = info.left + (info.stop - info.start)
         hi = min(core_end, L - nt)
-        peak[:, hi:] = False
-        c, t = torch.nonzero(peak, as_tuple=True)
-        near = g["near"]
+        c, t = torch.nonzero(Amax[:, lo:hi] > ctx.th, as_tuple=True)
+        t = t + lo
+        a = Amax[c, t]
+        up = (a >= Amax[c, t - 1]) & (a >= Amax[c, t + 1])
+        c, t, a = c[up], t[up], a[up]
+        w = 2 * nt0 + 1  # lo >= nt > nt0 and hi <= L - nt keep every window inside the block
+        own = gather_windows(Amax, c[:, None], t - nt0, w)[:, 0].max(1).values
+        up = a >= own
+        c, t, a = c[up], t[up], a[up]
         if len(t):
-            best_nb = pooled[near[c], t[:, None]].max(1).values
-            ok = Amax[c, t] >= best_nb
+            best_nb = gather_windows(Amax, g["near"][c], t - nt0, w).amax(dim=(1, 2))
+            ok = a >= best_nb
             c, t = c[ok], t[ok]
         n = len(t)
         nC = ctx.nearC.shape[1]
