@@ -26,6 +26,7 @@ import contextvars
 import sys
 import threading
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -43,7 +44,7 @@ from ._compute import dask_thread_count, release_memory
 
 __all__ = ["ChunkInfo", "chunk_kernel", "map_chunks", "run_chunks", "compute_tasks", "current_client",
            "show_progress", "progress_enabled", "memo", "as_dask", "merge_short_chunks", "map_time_overlap",
-           "map_time_blocks"]
+           "map_time_blocks", "register_samplewise"]
 
 K = TypeVar("K", bound=Callable[..., Any])
 
@@ -231,6 +232,34 @@ def _call(kernel: Callable[..., Any], block: np.ndarray, start: int, stop: int, 
     return kernel(block, ChunkInfo(start, stop, left), context)
 
 
+def _call_transformed(kernel: Callable[..., Any], transform: Callable[[np.ndarray, int], np.ndarray],
+                      block: np.ndarray, start: int, stop: int, left: int, context: Any) -> Any:
+    return kernel(transform(block, start - left), ChunkInfo(start, stop, left), context)
+
+
+#: Arrays whose every block is ``transform(source block, first sample)`` for a transform that treats each sample
+#: on its own (its output rows depend on that row and its absolute time only): name → (source, transform).
+#: :func:`map_chunks` applies the transform to each halo'd block of the source, so a chunk's halo costs its
+#: own samples, not its neighbours' whole chunks. Bounded: the oldest entries go first.
+_SAMPLEWISE: OrderedDict[str, tuple[da.Array, Callable[[np.ndarray, int], np.ndarray]]] = OrderedDict()
+_SAMPLEWISE_MAX = 32
+
+
+def register_samplewise(result: da.Array, source: da.Array,
+                        transform: Callable[[np.ndarray, int], np.ndarray]) -> None:
+    """Declare that ``result``'s blocks are ``transform(block of source, absolute first sample)`` (same chunks),
+    a transform under which each sample's output depends on that sample alone (the drift correction)."""
+    if result.chunks != source.chunks:
+        from .errors import SpikearrayError
+
+        raise SpikearrayError(f"register_samplewise: the result's chunks {result.chunks} differ from its "
+                              f"source's {source.chunks}; make the result with map_blocks over the source.")
+    _SAMPLEWISE[result.name] = (source, transform)
+    _SAMPLEWISE.move_to_end(result.name)
+    while len(_SAMPLEWISE) > _SAMPLEWISE_MAX:
+        _SAMPLEWISE.popitem(last=False)
+
+
 def map_chunks(kernel: Callable[..., Any], data: da.Array, context: Any, *, name: str,
                select: Sequence[int] | None = None) -> list[Delayed]:
     """One task ``kernel(block, info, context)`` per time chunk of ``data``, halo from ``kernel.halo(context)``.
@@ -267,6 +296,13 @@ def map_chunks(kernel: Callable[..., Any], data: da.Array, context: Any, *, name
     (50, (40, 80, 5))
     """
     halo = int(kernel.halo(context))
+    named = data.name
+    # a drift-corrected array: correct each halo'd block of its source in the task. Assembling halos from whole
+    # corrected neighbours corrected 44 chunks for 30 in detection on 60 s of P384-static (9.4 s of 32 s CPU),
+    # and three chunks for each chunk sampled by the bases and the waveform sums.
+    source, transform = _SAMPLEWISE.get(named, (None, None)) if halo > 0 else (None, None)
+    if source is not None:
+        data = source
     data = _with_halo_chunks(data, halo)
     chunks = tuple(int(c) for c in data.chunks[0])
     multi = len(chunks) > 1
@@ -275,13 +311,18 @@ def map_chunks(kernel: Callable[..., Any], data: da.Array, context: Any, *, name
     blocks = ov.to_delayed().ravel()
     ctx_token = tokenize(context)
     ctx_key = f"context-{name}-{ctx_token}"
-    layer_name = f"{name}-{tokenize(blocks[0].key, len(blocks), f'{kernel.__module__}.{kernel.__qualname__}', halo, ctx_token)}"
+    layer_name = f"{name}-{tokenize(named, blocks[0].key, len(blocks), f'{kernel.__module__}.{kernel.__qualname__}', halo, ctx_token)}"
     layer: dict = {ctx_key: context}
+    transform_key = f"transform-{layer_name}"
+    if transform is not None:
+        layer[transform_key] = transform
     starts = np.cumsum((0,) + chunks)
     chosen = range(len(blocks)) if select is None else sorted({int(i) for i in select})
     for i in chosen:
         left = halo if (multi and i > 0) else 0
-        layer[(layer_name, i)] = (_call, kernel, blocks[i].key, int(starts[i]), int(starts[i + 1]), left, ctx_key)
+        args = (blocks[i].key, int(starts[i]), int(starts[i + 1]), left, ctx_key)
+        layer[(layer_name, i)] = ((_call, kernel) + args if transform is None else
+                                  (_call_transformed, kernel, transform_key) + args)
     graph = HighLevelGraph.from_collections(layer_name, layer, dependencies=[blocks[0]])
     return [Delayed((layer_name, i), graph, layer=layer_name) for i in chosen]
 

@@ -251,3 +251,43 @@ def test_importing_spikearray_asks_torch_for_huge_pages(setting, huge):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     faults = int(out.stdout.strip())
     assert (faults < 5_000) if huge else (faults > 20_000), faults
+
+
+class _CountingShift:
+    """A sample-wise transform (adds the absolute sample index) that counts the samples it transforms."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def __call__(self, block: np.ndarray, start: int) -> np.ndarray:
+        self.samples += len(block)
+        return block + np.arange(start, start + len(block), dtype=np.float32)[:, None]
+
+
+@chunk_kernel(halo=lambda ctx: ctx)
+def _copy(block, info, ctx):
+    return np.array(block)
+
+
+def test_samplewise_arrays_transform_each_halod_block_in_its_task_with_the_same_result():
+    """A registered sample-wise array (the drift correction) gives every kernel the same halo'd blocks as the
+    plain transformed array, but transforms only the chunks' own samples and halos: for 3 of 10 chunks of 30 with
+    a halo of 4, 34 + 38 + 34 samples, not 7 whole chunks."""
+    from spikearray._engine import register_samplewise
+
+    src = da.from_array(np.random.default_rng(0).standard_normal((300, 3)).astype(np.float32), chunks=(30, 3))
+    shift = _CountingShift()
+    plain = src.map_blocks(lambda b, block_info=None: shift(b, block_info[0]["array-location"][0][0]),
+                           dtype=np.float32)
+    want = compute_tasks(map_chunks(_copy, plain, 4, name="plain", select=[0, 4, 9]))
+    assert shift.samples == 7 * 30  # the three chunks and their neighbours 1, 3, 5 and 8, whole
+    registered = src.map_blocks(lambda b, block_info=None: shift(b, block_info[0]["array-location"][0][0]),
+                                dtype=np.float32)
+    register_samplewise(registered, src, shift)
+    shift.samples = 0
+    got = compute_tasks(map_chunks(_copy, registered, 4, name="samplewise", select=[0, 4, 9]))
+    assert shift.samples == (30 + 4) + (30 + 8) + (30 + 4)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(sa.SpikearrayError, match="chunks"):
+        register_samplewise(registered.rechunk((60, 3)), src, shift)

@@ -152,7 +152,10 @@ class _Mover:
         return np.rint(blocks @ self.chan_w.T / _KEY_UM).astype(np.int64)
 
     def __call__(self, block: np.ndarray, block_info=None) -> np.ndarray:
-        s0 = int(block_info[0]["array-location"][0][0])
+        return self.apply(block, int(block_info[0]["array-location"][0][0]))
+
+    def apply(self, block: np.ndarray, s0: int) -> np.ndarray:
+        """The corrected ``block`` (n, C) whose first row is sample ``s0`` of the recording."""
         n, c = block.shape
         dev = resolve_device(self.device)
         seg = self.segment
@@ -244,9 +247,12 @@ def correct(rec: xr.DataArray, drift: xr.Dataset, *, sig_interp: float | None = 
     fs = float(rec.attrs["sampling_rate"])
     segment = max(1, int(round(segment_ms * 1e-3 * fs)))
     mover = _Mover(drift, rec, sig, segment, float(quantum_um), dev)
-    from .._engine import as_dask
+    from .._engine import as_dask, register_samplewise
 
-    out = as_dask(rec).astype(np.float32).map_blocks(mover, dtype=np.float32)
+    source = as_dask(rec).astype(np.float32)
+    out = source.map_blocks(mover, dtype=np.float32)
+    # each sample is moved on its own: chunk kernels correct their own halo'd blocks (spikearray._engine)
+    register_samplewise(out, source, mover.apply)
     res = xr.DataArray(out, dims=rec.dims, coords=rec.coords, name=rec.name, attrs=dict(rec.attrs))
     res.attrs["drift_corrected"] = True
     return res
