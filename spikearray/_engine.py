@@ -311,7 +311,8 @@ def map_chunks(kernel: Callable[..., Any], data: da.Array, context: Any, *, name
     blocks = ov.to_delayed().ravel()
     ctx_token = tokenize(context)
     ctx_key = f"context-{name}-{ctx_token}"
-    layer_name = f"{name}-{tokenize(named, blocks[0].key, len(blocks), f'{kernel.__module__}.{kernel.__qualname__}', halo, ctx_token)}"
+    kernel_name = f"{kernel.__module__}.{kernel.__qualname__}"
+    layer_name = f"{name}-{tokenize(named, blocks[0].key, len(blocks), kernel_name, halo, ctx_token)}"
     layer: dict = {ctx_key: context}
     transform_key = f"transform-{layer_name}"
     if transform is not None:
