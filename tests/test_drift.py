@@ -329,10 +329,13 @@ def test_peak_search_equals_the_plain_rule(monkeypatch, slab_rows):
     np.testing.assert_allclose(got["x"], ref[:, 3], atol=1e-3)
 
 
-def test_each_segment_is_read_with_its_own_rounded_displacement():
+@pytest.mark.parametrize("speed", [1.0, 0.02])
+def test_each_segment_is_read_with_its_own_rounded_displacement(speed):
     """The correction of a chunk equals, segment by segment, ``kriging_matrix(shift) @ x`` in numpy, with each
     block's displacement taken at the segment's middle and rounded to the quantum, and each channel's shift
-    mixed from its blocks; a chunk that starts and ends inside segments included, however it is chunked."""
+    mixed from its blocks; a chunk that starts and ends inside segments included, however it is chunked.
+    Fast drift changes most segments' matrices (batched products); slow drift (``speed`` 0.02) leaves runs of
+    segments with one matrix (one product per run)."""
     from spikearray.drift.correction import kriging_matrix
 
     fs, n, C = 30_000.0, 9_000, 48
@@ -344,7 +347,7 @@ def test_each_segment_is_read_with_its_own_rounded_displacement():
                        coords={"x": ("channel", x), "y": ("channel", y)}, attrs={"sampling_rate": fs})
     # two blocks moving apart fast (3 µm over 0.3 s), so many segments differ
     t = np.array([0.0, 0.1, 0.2, 0.3])
-    disp = np.stack([np.linspace(0.0113, 3.0137, 4), np.linspace(0.0071, -2.0213, 4)], 1)  # no rounding ties
+    disp = speed * np.stack([np.linspace(0.0113, 3.0137, 4), np.linspace(0.0071, -2.0213, 4)], 1)  # no ties
     drift = xr.Dataset({"displacement": (("time", "block"), disp)},
                        coords={"time": t, "depth": ("block", [100.0, 400.0]), "block_shank": ("block", [0, 0])},
                        attrs={"settings": "{}", "drift_correction": "nonrigid"})
