@@ -236,6 +236,9 @@ def test_same_waveform_merge_joins_pieces_of_one_small_unit_not_a_neighbour_or_a
     assert np.unique(same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2,
                                          max_ratio=0.0)[1]).size == 5
     assert SAME_WAVEFORM_RATIO == 4.0
+    # pairs must share min_common feature channels: asking for more than a unit has leaves all five apart
+    assert np.unique(same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2,
+                                         min_common=nC + 1)[1]).size == 5
     # with contact positions, the neighbour (60 µm away) still stays apart from the pieces
     pos = np.stack([np.zeros(nC), 20.0 * np.arange(nC)], 1)
     parent = same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2, positions=pos)[2]

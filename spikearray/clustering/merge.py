@@ -370,24 +370,33 @@ def same_waveform_merge(spike_time: np.ndarray, spike_unit: np.ndarray, spike_te
     K = len(feature_channels)
     parent = np.arange(K)
     counts = np.bincount(u, minlength=K)
+    # each unit's spikes, found once (a mask per unit was O(spikes × units): ~2 s at 384 channels)
+    order = np.argsort(u, kind="stable")
+    edges = np.searchsorted(u[order], np.arange(K + 1))
+    members = {int(a): order[edges[a]:edges[a + 1]] for a in np.flatnonzero(counts > 0)}
     samples, peak = {}, {}
-    for a in np.flatnonzero(counts > 0):
-        own = np.flatnonzero((spike_template == a) & (u == a))
+    for a, idx in members.items():
+        own = idx[spike_template[idx] == a]
         if len(own) < 10:
             continue
         if len(own) > SAME_WAVEFORM_SPIKES:
             own = own[np.linspace(0, len(own) - 1, SAME_WAVEFORM_SPIKES).round().astype(np.int64)]
-        samples[int(a)] = np.asarray(features[own], np.float64)
+        samples[a] = np.asarray(features[own], np.float64)
         # the unit's strongest feature channel: largest norm of its mean PC features
-        peak[int(a)] = int(feature_channels[a][np.linalg.norm(samples[int(a)].mean(0), axis=1).argmax()])
+        peak[a] = int(feature_channels[a][np.linalg.norm(samples[a].mean(0), axis=1).argmax()])
     pos = None if positions is None else np.asarray(positions, np.float64)
     pairs = []
     units = sorted(samples)
+    # shared feature channels of every pair in one product; only pairs with enough of them are compared
+    # (intersect1d on all ~118,000 pairs of P384-static took 3 s)
+    chans = np.asarray(feature_channels)[units] if units else np.zeros((0, 1), np.int64)
+    onehot = np.zeros((len(units), int(chans.max(initial=0)) + 1), np.float32)
+    onehot[np.repeat(np.arange(len(units)), chans.shape[1]), chans.ravel()] = 1.0
+    shared = onehot @ onehot.T
     for i, a in enumerate(units):
-        for b in units[i + 1:]:
+        for j in np.flatnonzero(shared[i, i + 1:] >= min_common) + i + 1:
+            b = units[j]
             common, ia, ib = np.intersect1d(feature_channels[a], feature_channels[b], return_indices=True)
-            if len(common) < min_common:
-                continue
             xa = samples[a][:, ia].reshape(len(samples[a]), -1)
             xb = samples[b][:, ib].reshape(len(samples[b]), -1)
             noise = (xa.var(0, ddof=1) / len(xa) + xb.var(0, ddof=1) / len(xb)).sum()
@@ -409,11 +418,12 @@ def same_waveform_merge(spike_time: np.ndarray, spike_unit: np.ndarray, spike_te
         ra, rb = root(a), root(b)
         if ra == rb:
             continue
-        joint = np.sort(t[(u == ra) | (u == rb)])
+        joint = np.sort(t[np.concatenate([members[ra], members[rb]])])
         if not is_refractory(joint / fs, acg_threshold)[0]:
             continue
         keep, drop = (ra, rb) if counts[ra] >= counts[rb] else (rb, ra)
-        u[u == drop] = keep
+        u[members[drop]] = keep
+        members[keep] = np.concatenate([members[keep], members.pop(drop)])
         counts[keep] += counts[drop]
         counts[drop] = 0
         parent[drop] = keep
