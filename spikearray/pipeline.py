@@ -410,9 +410,9 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
     # dask's threads already use every core: BLAS threads inside them would oversubscribe (and OpenBLAS's
     # thread start-up dominates the many small SVDs and eigendecompositions of clustering and matching). The
     # chunk engine reads the progress flag and the current client: a given client is made current for the run.
-    with tempfile.TemporaryDirectory(prefix="spikearray-") as tmp, threadpool_limits(limits=1, user_api="blas"), \
+    with _scratch(store.root if store.enabled else None) as files, threadpool_limits(limits=1, user_api="blas"), \
             show_progress(progress), (client.as_current() if client is not None else nullcontext()):
-        sorting = _walk(rec, s, timer, store.root if store.enabled else Path(tmp), store, hashes)
+        sorting = _walk(rec, s, timer, files, store, hashes)
     if offset:
         sorting["spike_time"] = sorting["spike_time"] + offset
     sorting.attrs["time_offset_samples"] = int(offset)
@@ -422,6 +422,64 @@ def sort(recording: xr.DataArray, settings: Settings | dict | None = None, *, ou
         _write_outputs(sorting, recording, Path(output), overwrite=overwrite, report=report, progress=progress)
         shutil.rmtree(store.root, ignore_errors=True)  # complete: the stage caches (and int16 copy) are spent
     return sorting
+
+
+#: Marker in a sort's scratch folder: ``host pid`` of the process that owns it.
+_SCRATCH_OWNER = "owner.pid"
+
+
+def clean_stale_scratch(root: str | Path | None = None) -> list[Path]:
+    """Remove scratch folders (``spikearray-*`` in the temporary directory) left by sorts that were killed.
+
+    A sort without an ``output`` writes its preprocessed int16 copy (2 bytes per sample and channel: 13 GB for
+    600 s of 384 channels) into a temporary folder, removed when the sort ends, even on an error; a process
+    killed outright (SIGKILL, out of memory, power) cannot remove it. Each such folder names its owner (host
+    and process id); a folder of this host whose process no longer runs is removed. Folders of live
+    processes, of other hosts, and without the marker (older versions, the demo's output) are kept.
+
+    Returns
+    -------
+    list of Path
+        The folders removed.
+    """
+    import os
+    import socket
+
+    removed = []
+    for d in sorted(Path(root or tempfile.gettempdir()).glob("spikearray-*")):
+        try:
+            host, pid = (d / _SCRATCH_OWNER).read_text().split()
+            pid_ = int(pid)
+        except (OSError, ValueError):
+            continue
+        if host != socket.gethostname() or pid_ == os.getpid():
+            continue
+        try:
+            os.kill(pid_, 0)
+            continue  # alive (or not ours to signal): keep
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+@contextmanager
+def _scratch(folder: Path | None) -> Iterator[Path]:
+    """The folder a sort writes its intermediate files to: ``folder`` (the output's stage store) or, without
+    one, a temporary folder that names its owner, after removing those of killed sorts."""
+    if folder is not None:
+        yield folder
+        return
+    import os
+    import socket
+
+    clean_stale_scratch()
+    with tempfile.TemporaryDirectory(prefix="spikearray-") as tmp:
+        (Path(tmp) / _SCRATCH_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        yield Path(tmp)
 
 
 def _write_outputs(sorting: xr.Dataset, recording: xr.DataArray, out: Path, *, overwrite: bool, report: bool,

@@ -487,3 +487,44 @@ def test_cut_short_int16_copy_is_recomputed_with_a_warning(tmp_path):
         f.truncate(2 * 60 * 4)
     with pytest.warns(DamagedCacheWarning, match=r"preprocessed\.int16.*480 bytes instead of 800"):
         assert store.load("preprocess", "h") is None
+
+
+def test_killed_sorts_scratch_folders_are_removed_by_the_next_sort(tmp_path, monkeypatch):
+    """A sort without an output keeps its int16 copy in a temporary folder that names its owner; a folder whose
+    process is gone (killed outright) is removed by the next sort. Folders of live processes and folders
+    without the marker (the demo's output) are kept, and a sort with an output makes no temporary folder."""
+    import tempfile
+
+    from spikearray.pipeline import clean_stale_scratch
+    from spikearray.synthetic import generate_recording
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    host = socket.gethostname()
+    stale = tmp_path / "spikearray-stale"
+    live = tmp_path / "spikearray-live"
+    demo = tmp_path / "spikearray-demo-x"
+    other = tmp_path / "spikearray-otherhost"
+    for d in (stale, live, demo, other):
+        d.mkdir()
+    (stale / "owner.pid").write_text(f"{host} {int(dead.stdout)}\n")
+    (stale / "preprocessed.int16").write_bytes(b"\0" * 64)
+    (live / "owner.pid").write_text(f"{host} {os.getppid()}\n")
+    (other / "owner.pid").write_text(f"not-{host} {int(dead.stdout)}\n")
+    assert clean_stale_scratch() == [stale]
+    assert not stale.exists() and live.exists() and demo.exists() and other.exists()
+
+    made = []
+    real = tempfile.TemporaryDirectory
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", lambda *a, **k: made.append(k.get("prefix")) or real(*a, **k))
+    rec, _ = generate_recording(duration=4.0, n_channels=16, n_units=4, seed=2)
+    (tmp_path / "spikearray-stale2").mkdir()
+    (tmp_path / "spikearray-stale2" / "owner.pid").write_text(f"{host} {int(dead.stdout)}\n")
+    sa.sort(rec, {"batch_size": 30000, "nblocks": 0}, output=tmp_path / "out", progress=False)
+    kept = [demo.name, live.name, other.name]
+    assert sorted(p.name for p in tmp_path.glob("spikearray-*")) == kept + ["spikearray-stale2"]
+    assert "spikearray-" not in made  # with an output, nothing a SIGKILL could leave in the temporary directory
+    sa.sort(rec, {"batch_size": 30000, "nblocks": 0}, progress=False)  # no output: a scratch folder, cleaned first
+    assert made.count("spikearray-") == 1
+    assert sorted(p.name for p in tmp_path.glob("spikearray-*")) == kept
