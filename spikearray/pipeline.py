@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from ._compute import release_memory
 from ._engine import show_progress
-from ._lock import holds_output_lock
+from ._lock import holds_output_lock, pid_alive
 from ._version import __version__
 from .errors import DataError, OutputExistsError, RecordingError
 from .resume import StageStore, recording_identity
@@ -452,14 +452,7 @@ def clean_stale_scratch(root: str | Path | None = None) -> list[Path]:
             pid_ = int(pid)
         except (OSError, ValueError):
             continue
-        if host != socket.gethostname() or pid_ == os.getpid():
-            continue
-        try:
-            os.kill(pid_, 0)
-            continue  # alive (or not ours to signal): keep
-        except ProcessLookupError:
-            pass
-        except OSError:
+        if host != socket.gethostname() or pid_ == os.getpid() or pid_alive(pid_):
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
