@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -442,9 +444,6 @@ def clean_stale_scratch(root: str | Path | None = None) -> list[Path]:
     list of Path
         The folders removed.
     """
-    import os
-    import socket
-
     removed = []
     for d in sorted(Path(root or tempfile.gettempdir()).glob("spikearray-*")):
         try:
@@ -466,9 +465,6 @@ def _scratch(folder: Path | None) -> Iterator[Path]:
     if folder is not None:
         yield folder
         return
-    import os
-    import socket
-
     clean_stale_scratch()
     with tempfile.TemporaryDirectory(prefix="spikearray-") as tmp:
         (Path(tmp) / _SCRATCH_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")

@@ -96,6 +96,14 @@ def _start(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray
     return t, u, parent, sim, lag, np.linalg.norm(clean.reshape(K, -1), axis=1)
 
 
+def _unit_members(u: np.ndarray, K: int) -> dict[int, np.ndarray]:
+    """Indices of each unit's spikes (increasing), for units ``0..K-1``, from one stable argsort: a mask per
+    unit is O(spikes × units), ~2 s for 500 units and 1.2 M spikes."""
+    order = np.argsort(u, kind="stable")
+    edges = np.searchsorted(u[order], np.arange(K + 1))
+    return {k: order[edges[k]:edges[k + 1]] for k in range(K)}
+
+
 def ccg_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, sampling_rate: float,
               acg_threshold: float, ccg_threshold: float, min_similarity: float = 0.5,
               max_lag: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,7 +134,7 @@ def ccg_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndar
         return t, u, parent
     K = len(templates)
     counts = np.bincount(u, minlength=K)
-    members = {k: np.flatnonzero(u == k) for k in range(K)}
+    members = _unit_members(u, K)
     fs = float(sampling_rate)
     order = np.argsort(-counts, kind="stable")
     for a in order:
@@ -370,13 +378,10 @@ def same_waveform_merge(spike_time: np.ndarray, spike_unit: np.ndarray, spike_te
     K = len(feature_channels)
     parent = np.arange(K)
     counts = np.bincount(u, minlength=K)
-    # each unit's spikes, found once (a mask per unit was O(spikes × units): ~2 s at 384 channels)
-    order = np.argsort(u, kind="stable")
-    edges = np.searchsorted(u[order], np.arange(K + 1))
-    members = {int(a): order[edges[a]:edges[a + 1]] for a in np.flatnonzero(counts > 0)}
+    members = _unit_members(u, K)
     samples, peak = {}, {}
-    for a, idx in members.items():
-        own = idx[spike_template[idx] == a]
+    for a in map(int, np.flatnonzero(counts > 0)):
+        own = members[a][spike_template[members[a]] == a]
         if len(own) < 10:
             continue
         if len(own) > SAME_WAVEFORM_SPIKES:

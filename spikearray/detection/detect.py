@@ -155,12 +155,11 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: _DetectContext) -> di
         if len(t):
             best_nb = gather_windows(Amax, g["near"][c], t - nt0, w).amax(dim=(1, 2))
             ok = a >= best_nb
-            c, t = c[ok], t[ok]
+            c, t, a = c[ok], t[ok], a[ok]
         n = len(t)
         nC = ctx.nearC.shape[1]
         if n == 0:
             return _empty(nC, ctx.pcs.shape[0])
-        amp = Amax[c, t]
         chans = g["nearC"][c]  # (n, nC)
         vals = y[chans, t[:, None]].clamp_min(0)
         pos = g["pos"]
@@ -174,7 +173,7 @@ def _detect_block(block: np.ndarray, info: ChunkInfo, ctx: _DetectContext) -> di
             "channel": c.cpu().numpy().astype(np.int64),
             "x": sx.cpu().numpy().astype(np.float32),
             "y": sy.cpu().numpy().astype(np.float32),
-            "amplitude": amp.abs().cpu().numpy().astype(np.float32),
+            "amplitude": a.abs().cpu().numpy().astype(np.float32),
             "features": feat.cpu().numpy().astype(np.float32),
         }
 
