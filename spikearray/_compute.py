@@ -10,12 +10,14 @@ from typing import Any, Iterator
 import dask
 import numpy as np
 import torch
+import torch.nn.functional as F
 from dask.system import CPU_COUNT
 
 from .errors import SettingsError, SpikearrayError
 
 __all__ = ["resolve_device", "torch_threads", "default_torch_threads", "dask_thread_count", "rfft", "irfft",
-           "release_memory", "band_blocks", "band_matmul", "wide_matmul", "gather_windows", "channels_first"]
+           "release_memory", "band_blocks", "band_matmul", "wide_matmul", "gather_windows", "channels_first",
+           "ols_blocks", "ols_outputs"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -191,6 +193,35 @@ def band_blocks(w: np.ndarray) -> list[tuple[int, int, int, int]]:
 #: 8,192 columns 17-19 ms (one thread, 2-core EPYC, three interleaved repeats): the blocks of the wide operand
 #: and of the output stay in cache while the small matrix is applied to them.
 WIDE_COLUMNS = 8192
+
+
+def ols_blocks(x: torch.Tensor, n: int, nt: int, nt0: int) -> torch.Tensor:
+    """Overlapping blocks of ``x`` (..., L) for an overlap-save correlation with a length-``nt`` filter.
+
+    Block ``i`` (a view, ``(..., nb, n)``) reads ``x[i·step - nt0 : i·step - nt0 + n]``, ``step = n - nt + 1``,
+    zero outside ``x``. The circular convolution of a block with the reversed filter (length ``n``) is exact
+    from index ``nt - 1`` on, where it equals ``sum_tau w[tau] · x[t - nt0 + tau]`` for the block's ``step``
+    output samples ``t``; :func:`ols_outputs` puts those together. Short transforms stay in cache: over a 2 s
+    chunk (60,750 points) a whole transform of 128 channels took 55-61 ms, blocks of 1,024-4,096 points
+    34-41 ms (one thread, 2-core EPYC).
+
+    Examples
+    --------
+    >>> x = torch.arange(10.0)[None]
+    >>> ols_blocks(x, 8, 3, 1).shape
+    torch.Size([1, 2, 8])
+    """
+    L = x.shape[-1]
+    step = n - nt + 1
+    nb = max(1, -(-L // step))
+    return F.pad(x, (nt0, nb * step + nt - 1 - nt0 - L)).unfold(-1, n, step)
+
+
+def ols_outputs(y: torch.Tensor, nt: int, L: int) -> torch.Tensor:
+    """The ``L`` output samples (..., L) from the blocks' circular convolutions ``y`` (..., nb, n) of
+    :func:`ols_blocks`: each block's exact part, from index ``nt - 1`` on, end to end."""
+    nb, n = y.shape[-2:]
+    return y[..., nt - 1:].reshape(*y.shape[:-2], nb * (n - nt + 1))[..., :L]
 
 
 def wide_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

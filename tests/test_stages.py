@@ -318,11 +318,13 @@ def test_gathered_windows_equal_indexing_sample_by_sample_and_stay_in_their_row(
         gather_windows(x, chans, starts + 1, 21)  # the last window would run into the next channel's row
 
 
-def test_scores_equal_the_direct_correlation_with_every_template():
-    """The frequency-domain scores (one FFT per channel, spatial products on the spectra) are the correlation
-    of the chunk with each low-rank template, divided by its norm, computed here sample by sample in numpy."""
+@pytest.mark.parametrize("L", [700, 9000])
+def test_scores_equal_the_direct_correlation_with_every_template(L):
+    """The frequency-domain scores (one FFT per channel and overlap-save block, spatial products on the spectra)
+    are the correlation of the chunk with each low-rank template, divided by its norm, computed here lag by lag
+    in numpy; 9,000 samples cross two block edges."""
     rng = np.random.default_rng(5)
-    K, C, nt, nt0, L = 12, 40, 61, 20, 700
+    K, C, nt, nt0 = 12, 40, 61, 20
     pos = np.c_[np.zeros(C), 20.0 * np.arange(C)]
     pcs = np.linalg.qr(rng.standard_normal((nt, 6)))[0].T.astype(np.float32)
     wave = -np.exp(-0.5 * ((np.arange(nt) - nt0) / 3.0) ** 2)
@@ -334,9 +336,10 @@ def test_scores_equal_the_direct_correlation_with_every_template():
     x = rng.standard_normal((C, L)).astype(np.float32)
     got = _scores(torch.from_numpy(x), ctx, c, torch.device("cpu")).numpy()
     Ur = ctx.Ur.astype(np.float64)  # the matcher's low-rank, sparse templates
-    xp = np.pad(x.astype(np.float64), ((0, 0), (nt, nt)))
-    win = np.stack([xp[:, nt + t - nt0:nt + t - nt0 + nt] for t in range(L)])  # (L, C, nt), zero outside x
-    want = np.einsum("lcs,kcs->kl", win, Ur) / np.linalg.norm(Ur.reshape(K, -1), axis=1)[:, None]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (nt, nt)))  # zero outside x
+    # B[k, t] = sum_tau (U_k[:, tau] @ x)[t - nt0 + tau]
+    want = np.stack([sum((Ur[k, :, tau] @ xp)[nt - nt0 + tau:nt - nt0 + tau + L] for tau in range(nt))
+                     for k in range(K)]) / np.linalg.norm(Ur.reshape(K, -1), axis=1)[:, None]
     assert got.shape == (K, L)
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
 
@@ -435,7 +438,7 @@ def test_isolated_peaks_equal_the_dense_rule():
 
 def test_every_chunk_is_matched_at_one_fft_length(monkeypatch):
     """A recording whose first, middle and last chunks would round to three FFT sizes is matched at one (the
-    longest chunk's), so one filter spectrum serves them all; the planted spikes are found in every chunk."""
+    overlap-save block), so one filter spectrum serves them all; the planted spikes are found in every chunk."""
     import dask.array as da
     import xarray as xr
     from scipy.fft import next_fast_len
@@ -468,5 +471,5 @@ def test_every_chunk_is_matched_at_one_fft_length(monkeypatch):
 
     monkeypatch.setattr(peel, "_filter_spectrum", record)
     out = peel.match(white, templates, bases, sa.Settings(nt=nt, nt0min=nt0, Th_learned=6.0, Th_bounded=6.0))
-    assert len(sizes) == 4 and set(sizes) == {max(lengths)}
+    assert len(sizes) == 4 and set(sizes) == {peel.OLS_BLOCK}
     assert out["spike_time"].values.tolist() == planted

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import xarray as xr
 from scipy.fft import next_fast_len
 
 from .._compute import (band_blocks, band_matmul, channels_first, default_torch_threads, gather_windows, irfft,
-                        resolve_device, rfft, torch_threads)
+                        ols_blocks, ols_outputs, resolve_device, rfft, torch_threads)
 from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
 from ..geometry import channel_distances, nearest_channels, positions, shanks
 from ..settings import Settings
@@ -70,12 +69,8 @@ def correlate_fft(x: torch.Tensor, w: torch.Tensor, nt0: int) -> torch.Tensor:
         shift = nt - 1 - nt0  # the reversed filter's index nt-1-tau sits at lag nt0
         return y[..., shift:shift + L]
     N = OLS_BLOCK
-    step = N - nt + 1
-    nb = -(-L // step)
-    # block i reads x[i·step - nt0 : i·step - nt0 + N]; its circular convolution is exact from index nt - 1 on
-    blocks = F.pad(x, (nt0, nb * step + nt - 1 - nt0 - L)).unfold(-1, N, step)  # (R, nb, N)
-    y = irfft(rfft(blocks, n=N) * rfft(flipped, n=N)[..., None, :], n=N)[..., nt - 1:]  # (R, nb, step)
-    return y.reshape(*x.shape[:-1], nb * step)[..., :L]
+    blocks = ols_blocks(x, N, nt, nt0)  # (R, nb, N)
+    return ols_outputs(irfft(rfft(blocks, n=N) * rfft(flipped, n=N)[..., None, :], n=N), nt, L)
 
 
 def _spatial_weights(pos: np.ndarray, shank: np.ndarray, n_near: int, sizes: list[float]) -> np.ndarray:

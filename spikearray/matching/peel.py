@@ -32,7 +32,6 @@ are the means.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
-from scipy.fft import next_fast_len
 
-from .._compute import (channels_first, default_torch_threads, gather_windows, irfft, resolve_device, rfft,
-                        torch_threads, wide_matmul)
-from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, merge_short_chunks, run_chunks
+from .._compute import (channels_first, default_torch_threads, gather_windows, irfft, ols_blocks, ols_outputs,
+                        resolve_device, rfft, torch_threads, wide_matmul)
+from .._engine import ChunkInfo, as_dask, chunk_kernel, memo, run_chunks
 from ..errors import DataError
 from ..geometry import nearest_channels, positions, shanks
 from ..settings import Settings
@@ -143,6 +141,11 @@ _NOISE_FACTOR = 1.0  # dropped energy allowed per channel, in units of the templ
 #: row group holding one spanned most of the probe. A 250 µm cap lost two 76–80 µV units of the drifting
 #: 128-channel set (141 well detected instead of 143); 400 µm loses none there.
 MAX_RADIUS_UM = 400.0
+#: Transform length of the correlation's overlap-save blocks (:func:`_scores`). Over a 2 s chunk of the dense
+#: 128-channel set (one thread): the channels' forward transforms 46-63 ms whole (60,750 points), 14-16 ms in
+#: blocks of 4,096, 19-27 ms of 2,048; the templates' inverse transforms 59-122 ms whole, ~40 ms in blocks of
+#: 2,048 or 4,096. 4,096 adds 1 % frequency bins to the spatial products over a whole transform, 2,048 adds 5 %.
+OLS_BLOCK = 4096
 _SPIKE_BATCH = 512  # spikes per batched score/residual update (bounds the index arrays)
 
 
@@ -255,7 +258,6 @@ class _MatchContext:
     blk_ptr: np.ndarray  # (K + 1,) the blocks holding the templates that overlap template k are ...
     blk: np.ndarray  # ... blk[blk_ptr[k]:blk_ptr[k + 1]]
     pcs: np.ndarray  # (P, nt)
-    n_fft: int = 0  # FFT length of every chunk (0: each chunk's own); one length, one filter spectrum
 
 
 _TENSORS = ("Tm", "rows", "Ur", "inv_norm", "nb_ptr", "nb", "ctc_nb", "chan_ptr", "chan", "ur_nb", "nearU",
@@ -426,34 +428,35 @@ def _scores(x: torch.Tensor, ctx: _MatchContext, c: dict[str, Any], dev: torch.d
     """``B[k, t] / |U_k|`` with ``B[k, t] = Σ_c Σ_τ U_k[c, τ] · x[c, t − nt0 + τ]`` (zero outside ``x``): the
     correlation of the chunk ``x`` (C, L) with every low-rank template, in whitened SD units.
 
-    All in the frequency domain: one FFT per channel, then per group of rows the spatial product over its
-    channel range only (S is real, so it acts on the real and imaginary parts as one real product), the rows'
-    temporal filters, and the sum over each template's rows (K inverse FFTs). Transforming the C channels
-    instead of the R ≈ K·rank rows of S·x: on the dense 128-channel set (K ≈ 190, R ≈ 1100) the row FFTs
-    were 40 % of a chunk (0.59 of 1.49 s).
+    All in the frequency domain, by overlap-save blocks of :data:`OLS_BLOCK` samples: one FFT per channel and
+    block, then per group of rows the spatial product over its channel range only (S is real, so it acts on the
+    real and imaginary parts as one real product), the rows' temporal filters, and the sum over each template's
+    rows (K inverse FFTs per block). Transforming the C channels instead of the R ≈ K·rank rows of S·x: on the
+    dense 128-channel set (K ≈ 190, R ≈ 1100) the row FFTs were 40 % of a chunk (0.59 of 1.49 s).
     """
     C, L = x.shape
     nt, nt0 = ctx.nt, ctx.nt0
     K = c["Ur"].shape[0]
-    n = ctx.n_fft if ctx.n_fft >= L + nt else next_fast_len(L + nt, real=True)
+    n = OLS_BLOCK
     nf = n // 2 + 1
-    filt = _filter_spectrum(ctx, n, dev)
-    Xr = torch.view_as_real(rfft(x, n=n)).reshape(C, 2 * nf)  # (C, 2·nf): re, im interleaved
-    Bf = torch.zeros((K, nf), dtype=filt.dtype, device=dev)
-    Bf_real = torch.view_as_real(Bf).view(K, 2 * nf)
+    filt = _filter_spectrum(ctx, n, dev)  # (R, nf)
+    blocks = ols_blocks(x, n, nt, nt0)  # (C, nb, n)
+    nb = blocks.shape[1]
+    Xr = torch.view_as_real(rfft(blocks, n=n)).reshape(C, nb * 2 * nf)  # per block: re, im interleaved
+    Bf = torch.zeros((K, nb, nf), dtype=filt.dtype, device=dev)
+    Bf_real = torch.view_as_real(Bf).view(K, nb * 2 * nf)
     rows = c["rows"]
     # one output buffer for every group; the sum over a template's rows is an index_add on the real view:
     # torch's complex index_add took 8-12 ms for a (48, 60,750) group against 1.4-3 ms for the same numbers as
     # real pairs (one thread); with the buffer and wide_matmul a group's product, filter and sum took 23-24 ms
     # instead of 32-50 ms
-    y = torch.empty((max((r1 - r0 for r0, r1 in ctx.row_ranges), default=0), 2 * nf), device=dev)
+    y = torch.empty((max((r1 - r0 for r0, r1 in ctx.row_ranges), default=0), nb * 2 * nf), device=dev)
     for (r0, r1), chans, s_g in zip(ctx.row_ranges, c["group_channels"], c["S_groups"]):
         yg = wide_matmul(s_g, _rows(Xr, chans), y[:r1 - r0])
-        torch.view_as_complex(yg.view(r1 - r0, nf, 2)).mul_(filt[r0:r1])
+        torch.view_as_complex(yg.view(r1 - r0, nb, nf, 2)).mul_(filt[r0:r1, None, :])
         Bf_real.index_add_(0, rows[r0:r1], yg)
     del Xr, y
-    shift = nt - 1 - nt0
-    return irfft(Bf, n=n)[:, shift:shift + L] * c["inv_norm"][:, None]
+    return ols_outputs(irfft(Bf, n=n), nt, L) * c["inv_norm"][:, None]
 
 
 def _halo(ctx: _MatchContext) -> int:
@@ -643,11 +646,6 @@ def match(white: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, setti
     # they were 47 MB each on a 384-channel, 500-unit recording, 14 GB over 600 s
     means = _SumFold(K, C, nt)
     data = as_dask(white)
-    # every chunk at the FFT length of the longest (with its halos): the first and last chunks are shorter, and
-    # where their own FFT size differs, it cost a filter spectrum of its own (K·rank × n/2 complex: 0.26 GB at
-    # K = 190, ~0.7 GB at K = 480, and ~1.4 s to make)
-    longest = max(merge_short_chunks(data.chunks[0], _halo(ctx))) + 2 * _halo(ctx) if data.shape[0] else 0
-    ctx = dataclasses.replace(ctx, n_fft=next_fast_len(min(longest, data.shape[0]) + nt, real=True))
     parts = run_chunks(_match_block, data, ctx, name="match", fold=means) if K else []
     empty = _empty(ctx)
     cat = {k: np.concatenate([p[k] for p in parts]) if parts else empty[k]
