@@ -283,3 +283,35 @@ def test_same_waveform_merge_joins_a_unit_split_by_its_noise_where_both_halves_s
     # it is the near limit that joins them: with it at the plain limit, or no contact counted near, they stay apart
     assert same_waveform_merge(t, u, u, feat, chans, positions=pos, max_ratio_near=SAME_WAVEFORM_RATIO, **kw)[2][1] == 1
     assert same_waveform_merge(t, u, u, feat, chans, positions=pos, near_um=-1.0, **kw)[2][1] == 1
+
+
+def test_same_waveform_merge_joins_the_pieces_of_a_low_rate_unit_but_not_a_union_with_violations():
+    """A unit firing ~0.3 Hz for 100 s, cut in two pieces of ~15 spikes with one waveform: too few spikes for
+    Kilosort4's evidence of refractoriness (the union's Q12 stays above 0.2, so ``is_refractory`` says no) and
+    nothing in the union breaks the refractory period, so the pieces join. A 10 Hz neuron and a "piece" of the
+    same waveform whose spikes fall 1 ms after its spikes (a second neuron) break it together (R12 above the
+    threshold) and stay apart."""
+    from spikearray.metrics.refractory import ccg_metrics, is_refractory
+
+    rng = np.random.default_rng(11)
+    nC, P = 6, 3
+    small, big = np.zeros((nC, P)), np.zeros((nC, P))
+    small[:3, 0] = [3.0, 2.0, 1.0]
+    big[3:, 1] = [6.0, 4.0, 2.0]
+    slow = _train(rng, 0.3, 100)
+    n = len(slow)
+    assert 20 <= n <= 45
+    fast = _train(rng, 10.0, 100)
+    echo = fast[::2] + 30  # 1 ms after every other spike of the fast neuron
+    t = np.concatenate([slow, fast, echo])
+    u = np.concatenate([np.arange(n) % 2, np.full(len(fast), 2), np.full(len(echo), 3)])
+    feat = np.concatenate([small + rng.standard_normal((n, nC, P)), big + rng.standard_normal((len(fast), nC, P)),
+                           big + rng.standard_normal((len(echo), nC, P))])
+    chans = np.tile(np.arange(nC), (4, 1))
+    assert not is_refractory(np.sort(slow) / FS, 0.2)[0]  # no evidence either way from so few spikes
+    both = np.sort(np.concatenate([fast, echo])) / FS
+    assert ccg_metrics(both, both, acg=True)[0] >= 0.2  # the echo's union does break the period
+    _, merged, parent = same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2)
+    assert parent[0] == parent[1]
+    assert parent[2] == 2 and parent[3] == 3
+    assert np.unique(merged).size == 3
