@@ -201,9 +201,8 @@ def ols_blocks(x: torch.Tensor, n: int, nt: int, nt0: int) -> torch.Tensor:
     Block ``i`` (a view, ``(..., nb, n)``) reads ``x[i·step - nt0 : i·step - nt0 + n]``, ``step = n - nt + 1``,
     zero outside ``x``. The circular convolution of a block with the reversed filter (length ``n``) is exact
     from index ``nt - 1`` on, where it equals ``sum_tau w[tau] · x[t - nt0 + tau]`` for the block's ``step``
-    output samples ``t``; :func:`ols_outputs` puts those together. Short transforms stay in cache: over a 2 s
-    chunk (60,750 points) a whole transform of 128 channels took 55-61 ms, blocks of 1,024-4,096 points
-    34-41 ms (one thread, 2-core EPYC).
+    output samples ``t``; :func:`ols_outputs` puts those together. Short transforms stay in cache (the
+    measured block lengths: ``detection.detect.OLS_BLOCK``, ``matching.peel.OLS_BLOCK``).
 
     Examples
     --------

@@ -432,7 +432,8 @@ def same_waveform_merge(spike_time: np.ndarray, spike_unit: np.ndarray, spike_te
         # per 100 s, and it reads 0): for such small unions the waveform test decides alone. Replaying the
         # merges on the dense paper sets' matched spikes: P128-drift's false-positive units 8 -> 6 (a 34 µV
         # unit's pieces of 29 and 43 spikes joined; a 26-spike unit of mixed small spikes joined an 83-spike
-        # one), P128-static, P384-static, GT-A, GT-B and GT-N12 unchanged.
+        # one), P128-static, P384-static, GT-A, GT-B and GT-N12 unchanged; full sorts: P128-drift 143 / 8 ->
+        # 144 / 7, P384-drift 306 / 35 -> 306 / 32, the others unchanged (docs/benchmarks.md).
         if ccg_metrics(joint, joint, acg=True)[0] >= acg_threshold:
             continue
         keep, drop = (ra, rb) if counts[ra] >= counts[rb] else (rb, ra)
