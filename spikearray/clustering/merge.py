@@ -96,6 +96,20 @@ def _start(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray
     return t, u, parent, sim, lag, np.linalg.norm(clean.reshape(K, -1), axis=1)
 
 
+def _root(parent: np.ndarray, x: int) -> int:
+    """The surviving unit that ``x`` was merged into (the root of its union-find tree)."""
+    while parent[x] != x:
+        x = int(parent[x])
+    return x
+
+
+def _flatten(parent: np.ndarray) -> np.ndarray:
+    """``parent`` with every unit pointing at its surviving unit directly (in place; returned)."""
+    for k in range(len(parent)):
+        parent[k] = _root(parent, k)
+    return parent
+
+
 def _unit_members(u: np.ndarray, K: int) -> dict[int, np.ndarray]:
     """Indices of each unit's spikes (increasing), for units ``0..K-1``, from one stable argsort: a mask per
     unit is O(spikes × units), ~2 s for 500 units and 1.2 M spikes."""
@@ -214,11 +228,7 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
         a, b = int(iu[0][o]), int(iu[1][o])
         if sim[a, b] < min_similarity:
             break
-        ra, rb = parent[a], parent[b]
-        while parent[ra] != ra:
-            ra = parent[ra]
-        while parent[rb] != rb:
-            rb = parent[rb]
+        ra, rb = _root(parent, a), _root(parent, b)
         if ra == rb or counts[ra] == 0 or counts[rb] == 0:
             continue
         if rates[ra].std() == 0 or rates[rb].std() == 0:
@@ -234,12 +244,7 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
         counts[keep] += counts[drop]
         counts[drop] = 0
         parent[drop] = keep
-    for k in range(K):  # flatten the union-find so parent[k] is the surviving unit
-        r = k
-        while parent[r] != r:
-            r = parent[r]
-        parent[k] = r
-    return t, u, parent
+    return t, u, _flatten(parent)
 
 
 def absorb_fragments(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, sampling_rate: float,
@@ -413,15 +418,9 @@ def same_waveform_merge(spike_time: np.ndarray, spike_unit: np.ndarray, spike_te
             if ratio <= (max(max_ratio, max_ratio_near) if near else max_ratio):
                 pairs.append((ratio, a, b))
     pairs.sort()
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            x = int(parent[x])
-        return x
-
     fs = float(sampling_rate)
     for _, a, b in pairs:
-        ra, rb = root(a), root(b)
+        ra, rb = _root(parent, a), _root(parent, b)
         if ra == rb:
             continue
         joint = np.sort(t[np.concatenate([members[ra], members[rb]])]) / fs
@@ -442,9 +441,7 @@ def same_waveform_merge(spike_time: np.ndarray, spike_unit: np.ndarray, spike_te
         counts[keep] += counts[drop]
         counts[drop] = 0
         parent[drop] = keep
-    for k in range(K):
-        parent[k] = root(k)
-    return t, u, parent
+    return t, u, _flatten(parent)
 
 
 def redundant_units(spike_time: np.ndarray, spike_unit: np.ndarray, n_units: int, *, delta: int,
