@@ -8,7 +8,7 @@ from spikearray._engine import ChunkInfo
 from spikearray.clustering.similarity import template_similarity
 from spikearray.clustering.splitmerge import bimodality_score, split_merge
 from spikearray.detection.detect import correlate_fft
-from spikearray.matching.peel import (_compressed, _context, _match_block, _row_groups, _scores, _subtract_windows,
+from spikearray.matching.peel import (_compressed, _context, _cross_correlations, _match_block, _row_groups, _scores, _subtract_windows,
                                       _tensors, low_rank, sparsify)
 from spikearray.metrics.groundtruth import compare_to_truth
 from spikearray.metrics.refractory import ccg_metrics, correlogram, is_refractory
@@ -406,6 +406,32 @@ def test_subtracting_windows_visits_each_templates_own_entries():
     _subtract_windows(got, torch.from_numpy(t), torch.from_numpy(k), torch.from_numpy(a), torch.from_numpy(ptr),
                       torch.from_numpy(rows), torch.from_numpy(values), torch.arange(D))
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_correlations_of_overlapping_templates_equal_numpy_lag_by_lag():
+    """ctc[k, j, δ] = Σ_c Σ_τ U_k[c, τ + δ - (nt - 1)] · U_j[c, τ] / |U_j| (numpy, lag by lag) for every pair of
+    templates that share a channel, and no entry for pairs that do not (their correlation is exactly 0)."""
+    rng = np.random.default_rng(5)
+    K, C, nt = 8, 24, 9
+    U = np.zeros((K, C, nt), np.float32)
+    starts = [0, 2, 5, 12, 13, 18, 20]  # template 7 stays empty (sparsify can leave one without channels)
+    for k, c0 in enumerate(starts):
+        U[k, c0:c0 + 4] = rng.standard_normal((4, nt))
+    norms = np.sqrt((U.astype(np.float64) ** 2).sum((1, 2)))
+    inv = np.where(norms > 0, 1 / np.maximum(norms, 1e-30), 0).astype(np.float32)
+    ptr, nb, ctc = _cross_correlations(U, (U != 0).any(2), inv)
+    assert ptr[7] == ptr[8]
+    for k in range(7):
+        want_nb = [j for j in range(7) if abs(starts[j] - starts[k]) < 4]
+        assert nb[ptr[k]:ptr[k + 1]].tolist() == want_nb
+        for e, j in zip(range(ptr[k], ptr[k + 1]), want_nb):
+            ref = np.zeros(2 * nt - 1)
+            for d in range(2 * nt - 1):
+                for tau in range(nt):
+                    s = tau + d - (nt - 1)
+                    if 0 <= s < nt:
+                        ref[d] += (U[k, :, s].astype(np.float64) * U[j, :, tau]).sum()
+            np.testing.assert_allclose(ctc[e], ref * inv[j], rtol=1e-5, atol=1e-5)
 
 
 def _isolated_reference(x, threshold, nt):
