@@ -115,6 +115,35 @@ def test_drift_merge_wants_an_anticorrelation_that_chance_cannot_give_over_few_b
     assert drift_merge(t, u, T, bin_samples=int(2 * FS))[2][1] == 0  # the same pattern over 120 s: merged
 
 
+def test_drift_merge_second_pass_joins_a_moved_big_footprint_of_the_same_size_only():
+    """A big unit whose footprint moved by one channel (similarity 0.78, under the first pass's 0.8) in pieces
+    that take turns every 10 s over 100 s: the second pass joins them. A template three times larger with the
+    same turns is another neuron and stays apart; so do pieces whose rates anti-correlate only weakly."""
+    sig = np.zeros((8, 31))
+    sig[2:6, 10:14] = [[-3, -6, -3, 1], [-6, -12, -6, 2], [-5, -10, -5, 2], [-2, -4, -2, 1]]
+    moved = np.roll(sig, 1, axis=0) * 0.9
+    T = np.stack([sig, moved]).astype(np.float32)
+    assert 0.6 < template_similarity(T, 5)[0][0, 1] < 0.8
+    t = _train(np.random.default_rng(8), 10, 100)
+    u = (t // int(10 * FS)) % 2  # one piece while the probe is up, the other while it is down
+    bins = int(2 * FS)
+
+    def joined(t, u, T, **kw):
+        parent = drift_merge(t, u, T, bin_samples=bins, **kw)[2]
+        return parent[0] == parent[1]
+
+    assert joined(t, u, T)
+    assert not joined(t, u, T, loose_similarity=0.8)  # the first pass alone keeps them apart
+    assert not joined(t, u, np.stack([sig, 3 * moved]).astype(np.float32))
+    # rates correlating at -0.48 over 50 bins: enough for the first pass (-0.36), not for the second (-0.6)
+    a = np.tile([20, 24, 16, 22, 18, 25, 15, 20, 21, 19], 5)
+    b = np.tile([21, 19, 21, 21, 20, 18, 20, 22, 18, 21], 5)
+    assert -0.6 < np.corrcoef(a, b)[0, 1] < -0.36
+    tw, uw = _binned_pair(a, b)
+    assert not joined(tw, uw, T)
+    assert joined(tw, uw, _templates(np.random.default_rng(7), 2))
+
+
 def test_absorb_fragments_folds_a_small_refractory_piece():
     rng = np.random.default_rng(2)
     t = _train(rng, 10, 60)
