@@ -144,6 +144,28 @@ def test_drift_merge_second_pass_joins_a_moved_big_footprint_of_the_same_size_on
     assert joined(tw, uw, _templates(np.random.default_rng(7), 2))
 
 
+def test_drift_merge_joins_pieces_that_fired_at_different_probe_positions():
+    """A 3 Hz unit split by where the probe was (one piece above the midline, one below) with the probe moving
+    faster than the 2-s rate bins resolve: the binned rates do not anti-correlate, but the displacement at one
+    piece's spikes is always above the other's, and the position test joins them. An independent neuron with
+    the same waveform, whose spikes sample every position, stays apart; without displacements nothing joins."""
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 100, 300))
+    other = np.sort(rng.uniform(0, 100, 300))
+    tt = np.r_[t, other]
+    disp = 20 * np.sin(2 * np.pi * tt / 2.0)  # µm; one up-and-down per rate bin
+    u = np.r_[(disp[:300] < 0).astype(np.int64), np.full(300, 2)]
+    samples = np.round(tt * FS).astype(np.int64)
+    bins = int(2 * FS)
+    rates = [np.bincount(samples[u == j] // bins, minlength=50) for j in (0, 1)]
+    assert np.corrcoef(*rates)[0, 1] > -0.36  # the rate test alone (50 bins) cannot join them
+    T = _templates(np.random.default_rng(4), 3)
+    parent = drift_merge(samples, u, T, bin_samples=bins)[2]
+    assert parent[0] != parent[1]
+    parent = drift_merge(samples, u, T, bin_samples=bins, spike_displacement=disp)[2]
+    assert parent[0] == parent[1] and parent[2] == 2
+
+
 def test_absorb_fragments_folds_a_small_refractory_piece():
     rng = np.random.default_rng(2)
     t = _train(rng, 10, 60)

@@ -15,6 +15,7 @@ the seed is examined again until nothing merges.
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 from ..metrics.refractory import ccg_metrics, is_cross_refractory, is_refractory
 from .similarity import template_similarity
@@ -56,6 +57,17 @@ RATE_CORRELATION_Z = 2.5
 #: and two of very different sizes (12 into 43 µV, 122 into 28 µV) that the norm test refuses; 0.7 instead
 #: of 0.6 gained one unit fewer.
 DRIFT_LOOSE_SIMILARITY = 0.6
+
+#: The drift merge's position test (:func:`drift_merge`, first pass only): the fraction of spike pairs in which
+#: one piece's displacement exceeds the other's (an AUC, or 1 minus it) and the least difference of their mean
+#: displacements (µm), for pieces of at least DRIFT_POSITION_SPIKES spikes. On the merge inputs of the drifting
+#: sets (similarity >= 0.8, both pieces >= 80 % one planted unit): every pair at AUC <= 0.05 or >= 0.93 was two
+#: pieces of one unit (20 pairs on P128-drift, 4 on GT-B), the first pair of two units came at 0.18 (P128-drift)
+#: and one at 0.00 with norms 1.67× apart (GT-B: a 218 and a 333 µV unit). On the static sets the estimate
+#: moves less than 1 µm and no pair differs by DRIFT_POSITION_UM.
+DRIFT_POSITION_AUC = 0.9
+DRIFT_POSITION_UM = 5.0
+DRIFT_POSITION_SPIKES = 20
 DRIFT_LOOSE_CORRELATION = -0.6
 DRIFT_LOOSE_Z = 4.2
 
@@ -188,7 +200,7 @@ def ccg_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndar
 
 def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, bin_samples: int,
                 min_similarity: float = 0.8, max_rate_correlation: float = -0.3,
-                loose_similarity: float = DRIFT_LOOSE_SIMILARITY,
+                loose_similarity: float = DRIFT_LOOSE_SIMILARITY, spike_displacement: np.ndarray | None = None,
                 max_lag: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge pieces of one neuron that residual drift split in time.
 
@@ -202,6 +214,13 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
     Similarity is that of the denoised templates (:func:`denoised_templates`). On the drifting dense paper
     set (seed 2205) a threshold of 0.8 took well-detected units from 137 to 144 and false positives from 18
     to 16 against 0.85, with the static set unchanged; the static set's first wrong merge came at 0.7.
+
+    Binned rates are a weak test for a unit of a few hundred spikes (a few per bin: Poisson noise hides the
+    turns). Where the drift estimate at each spike is given, the first pass also joins two pieces that fired
+    at different probe positions: the displacement at one's spikes is almost always above (or below) the
+    other's (:data:`DRIFT_POSITION_AUC`), by :data:`DRIFT_POSITION_UM` or more on average, with template
+    norms within :data:`MAX_NORM_RATIO`. A neuron's firing does not depend on where the probe is, so two
+    neurons' spikes sample the same displacements (AUC ~0.5).
 
     A second pass then joins pieces whose templates differ more (similarity ≥ ``loose_similarity``) when the
     evidence of turn-taking is strong instead: rates anti-correlated at ``-DRIFT_LOOSE_Z / sqrt(n_bins - 1)``
@@ -224,6 +243,8 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
         ``-RATE_CORRELATION_Z / sqrt(n_bins - 1)`` (chance anti-correlation is large over few bins).
     loose_similarity : float
         Template similarity needed in the second pass (≥ ``min_similarity``: no second pass).
+    spike_displacement : ndarray (n,), optional
+        The drift estimate (µm) at each spike's time and its template's depth; enables the position test.
 
     Returns
     -------
@@ -248,7 +269,8 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
     counts = np.bincount(u, minlength=K)
     iu = np.triu_indices(K, 1)
     order = np.argsort(-sim[iu], kind="stable")
-    for least, max_corr, same_size in passes:
+    disp = None if spike_displacement is None else np.asarray(spike_displacement, np.float64)
+    for least, max_corr, loose in passes:
         for o in order:
             a, b = int(iu[0][o]), int(iu[1][o])
             if sim[a, b] < least:
@@ -256,11 +278,15 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
             ra, rb = _root(parent, a), _root(parent, b)
             if ra == rb or counts[ra] == 0 or counts[rb] == 0:
                 continue
-            if same_size and not _norm_close(norms, a, b):
+            if loose and not _norm_close(norms, a, b):
                 continue
             if rates[ra].std() == 0 or rates[rb].std() == 0:
                 continue
-            if np.corrcoef(rates[ra], rates[rb])[0, 1] > max_corr:
+            corr = np.corrcoef(rates[ra], rates[rb])[0, 1]
+            # the rates may not show the turns that the positions do (first pass only: under 0.8, pieces of two
+            # drift-split neighbours fired apart as well)
+            if corr > max_corr and not (disp is not None and not loose and _norm_close(norms, a, b)
+                                        and _fired_apart(disp[u == ra], disp[u == rb])):
                 continue
             keep, drop = (ra, rb) if counts[ra] >= counts[rb] else (rb, ra)
             m = u == drop
@@ -272,6 +298,19 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
             counts[drop] = 0
             parent[drop] = keep
     return t, u, _flatten(parent)
+
+
+def _fired_apart(da: np.ndarray, db: np.ndarray) -> bool:
+    """Whether two spike sets fired at different probe positions: the displacement at one's spikes exceeds the
+    other's in at least :data:`DRIFT_POSITION_AUC` of the pairs (or in at most 1 minus that), and their means
+    differ by at least :data:`DRIFT_POSITION_UM` µm."""
+    if len(da) < DRIFT_POSITION_SPIKES or len(db) < DRIFT_POSITION_SPIKES:
+        return False
+    if abs(da.mean() - db.mean()) < DRIFT_POSITION_UM:
+        return False
+    ranks = rankdata(np.concatenate([da, db]))  # ties share their mean rank
+    auc = (ranks[:len(da)].sum() - len(da) * (len(da) + 1) / 2) / (len(da) * len(db))
+    return abs(auc - 0.5) >= DRIFT_POSITION_AUC - 0.5
 
 
 def absorb_fragments(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.ndarray, *, sampling_rate: float,

@@ -12,7 +12,7 @@ import xarray as xr
 from .._version import __version__
 from ..clustering.merge import (absorb_fragments, ccg_merge, drift_merge, redundant_units, remove_duplicates,
                                same_waveform_merge)
-from ..geometry import positions
+from ..geometry import positions, shanks
 from ..outputs import empty_variable, sorting_dataset
 from ..settings import Settings
 from .units import ptp_best, refractory_labels, spike_positions, unit_positions, unwhiten_templates
@@ -33,6 +33,30 @@ def _displacement(drift: xr.Dataset | None) -> xr.DataArray:
         return d.rename({"depth": "block_depth"}) if "depth" in d.coords else d
     return xr.DataArray(np.zeros((1, 1), np.float32), dims=("time", "block"),
                         coords={"time": [0.0], "block_depth": ("block", [0.0])})
+
+
+def _spike_displacement(drift: xr.Dataset, spike_time: np.ndarray, spike_template: np.ndarray,
+                        templates: np.ndarray, pos: np.ndarray, shank: np.ndarray, sampling_rate: float,
+                        time_start: float) -> np.ndarray:
+    """The drift estimate (µm) at each spike's time and at the depth of its template's peak channel, from the
+    blocks of that channel's shank (0 on a shank without blocks)."""
+    from ..drift.evaluate import displacement_at
+
+    out = np.zeros(len(spike_time))
+    peak = (templates.astype(np.float64) ** 2).sum(2).argmax(1)
+    has_blocks = (set(np.asarray(drift["block_shank"].values).tolist()) if "block_shank" in drift.coords
+                  else None)
+    by_template = np.argsort(spike_template, kind="stable")
+    bounds = np.searchsorted(spike_template[by_template], np.arange(len(templates) + 1))
+    for j in range(len(templates)):
+        idx = by_template[bounds[j]:bounds[j + 1]]
+        sh = int(shank[peak[j]])
+        if len(idx) == 0 or (has_blocks is not None and sh not in has_blocks):
+            continue
+        times = spike_time[idx] / sampling_rate + time_start
+        out[idx] = displacement_at(drift, times, pos[peak[j], 1:2],
+                                   shank=sh if has_blocks is not None else None)[:, 0]
+    return out
 
 
 def _drift_spikes(drift: xr.Dataset | None) -> dict[str, Any]:
@@ -129,7 +153,9 @@ def build_sorting(matched: xr.Dataset, *, recording: xr.DataArray, white: xr.Dat
     t, unit, parent = ccg_merge(t, k, tmean, sampling_rate=fs, acg_threshold=s.acg_threshold,
                                 ccg_threshold=s.ccg_threshold)
     if drift is not None:
-        t, unit, parent2 = drift_merge(t, unit, tmean, bin_samples=int(s.batch_size))
+        disp = _spike_displacement(drift, t, k, tmean, pos, shanks(white), fs,
+                                   float(white.attrs.get("time_start", 0.0)))
+        t, unit, parent2 = drift_merge(t, unit, tmean, bin_samples=int(s.batch_size), spike_displacement=disp)
         parent = parent2[parent]
     t, unit, parent3 = absorb_fragments(t, unit, tmean, sampling_rate=fs, acg_threshold=s.acg_threshold)
     parent = parent3[parent]
