@@ -53,10 +53,12 @@ RATE_CORRELATION_Z = 2.5
 #: The drift merge's second pass (:func:`drift_merge`): templates this similar may join when their rates take
 #: turns clearly (at most DRIFT_LOOSE_CORRELATION and DRIFT_LOOSE_Z null spreads below zero: -0.6 over 50
 #: bins of 2 s, out of reach below 19 bins) and their norms are within MAX_NORM_RATIO. Replayed on the merge
-#: inputs of the 128-channel drifting paper set it made six joins, four of one neuron's pieces (39-128 µV)
-#: and two of very different sizes (12 into 43 µV, 122 into 28 µV) that the norm test refuses; 0.7 instead
-#: of 0.6 gained one unit fewer.
+#: inputs of the 128-channel drifting paper set it made five joins: four of one neuron's pieces (39-128 µV)
+#: and a 12 µV unit's piece into a 43 µV unit (their denoised norms within 1.5×); without the norm test a
+#: sixth joined a 122 µV unit's piece to a 28 µV unit. 0.7 instead of 0.6 gained one unit fewer.
 DRIFT_LOOSE_SIMILARITY = 0.6
+DRIFT_LOOSE_CORRELATION = -0.6
+DRIFT_LOOSE_Z = 4.2
 
 #: The drift merge's position test (:func:`drift_merge`, first pass only): the fraction of spike pairs in which
 #: one piece's displacement exceeds the other's (an AUC, or 1 minus it) and the least difference of their mean
@@ -68,8 +70,6 @@ DRIFT_LOOSE_SIMILARITY = 0.6
 DRIFT_POSITION_AUC = 0.9
 DRIFT_POSITION_UM = 5.0
 DRIFT_POSITION_SPIKES = 20
-DRIFT_LOOSE_CORRELATION = -0.6
-DRIFT_LOOSE_Z = 4.2
 
 
 def denoised_templates(templates: np.ndarray, counts: np.ndarray) -> np.ndarray:
