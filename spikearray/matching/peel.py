@@ -351,15 +351,19 @@ def _cross_correlations(Ur: np.ndarray, chan_mask: np.ndarray,
     ptr, nb = _compressed(shared)
     ctc = np.zeros((nb.size, 2 * nt - 1), np.float32)
     Ut = torch.from_numpy(Ur)
-    for k in range(K):
-        if ptr[k + 1] == ptr[k]:  # a template sparsify left without channels overlaps nothing
-            continue
-        chans = torch.from_numpy(np.flatnonzero(chan_mask[k]))
-        others = torch.from_numpy(nb[ptr[k]:ptr[k + 1]])
-        # conv1d correlates: out[j, δ] = Σ_c Σ_τ padded(U_k)[c, δ + τ] · U_j[c, τ], summed over k's channels
-        # only (U_k is 0 elsewhere)
-        x = F.pad(Ut[k:k + 1, chans], (nt - 1, nt - 1))
-        ctc[ptr[k]:ptr[k + 1]] = F.conv1d(x, Ut[others][:, chans])[0].numpy()
+    # one thread: a single-input convolution may split its sum over channels and taps among threads, in an
+    # order that changes from run to run (float32 results 1 ulp apart, and so every later score); the whole
+    # loop takes ~1 s on the 384-channel set
+    with torch_threads(1):
+        for k in range(K):
+            if ptr[k + 1] == ptr[k]:  # a template sparsify left without channels overlaps nothing
+                continue
+            chans = torch.from_numpy(np.flatnonzero(chan_mask[k]))
+            others = torch.from_numpy(nb[ptr[k]:ptr[k + 1]])
+            # conv1d correlates: out[j, δ] = Σ_c Σ_τ padded(U_k)[c, δ + τ] · U_j[c, τ], summed over k's channels
+            # only (U_k is 0 elsewhere)
+            x = F.pad(Ut[k:k + 1, chans], (nt - 1, nt - 1))
+            ctc[ptr[k]:ptr[k + 1]] = F.conv1d(x, Ut[others][:, chans])[0].numpy()
     ctc *= inv_norm[nb][:, None]
     return ptr, nb, ctc
 
