@@ -366,3 +366,31 @@ def test_same_waveform_merge_joins_the_pieces_of_a_low_rate_unit_but_not_a_union
     assert parent[0] == parent[1]
     assert parent[2] == 2 and parent[3] == 3
     assert np.unique(merged).size == 3
+
+
+def test_each_spike_reads_the_drift_of_its_templates_depth_and_shank():
+    """The displacement handed to the drift merge: the estimate at the spike's time (recording clock, with its
+    start offset) and its template's peak depth, from the blocks of that channel's shank; 0 on a shank the
+    estimate has no blocks for."""
+    import xarray as xr
+
+    from spikearray.metrics.sorting import _spike_displacement
+
+    times = np.array([10.0, 12.0, 14.0])  # s, batch centres on a clock that starts at 10 s
+    disp = np.array([[0.0, 10.0, 5.0], [2.0, 20.0, 7.0], [4.0, 30.0, 9.0]])  # (time, block) µm
+    drift = xr.Dataset({"displacement": (("time", "block"), disp)},
+                       coords={"time": times, "depth": ("block", [0.0, 100.0, 50.0]),
+                               "block_shank": ("block", [0, 0, 1])})
+    pos = np.array([[0.0, 0.0], [0.0, 50.0], [250.0, 50.0], [500.0, 0.0]])  # channel 3 on shank 2 (no blocks)
+    shank = np.array([0, 0, 1, 2])
+    T = np.zeros((3, 4, 5), np.float32)
+    T[0, 1, 2] = -5  # peak at 50 µm on shank 0: halfway between its blocks at 0 and 100 µm
+    T[1, 2, 2] = -5  # shank 1: its one block
+    T[2, 3, 2] = -5  # shank 2: none
+    fs = 1000.0
+    t = np.array([1000, 3000, 1000, 2000, 0])  # samples from the recording's start (10 s)
+    k = np.array([0, 0, 1, 1, 2])
+    got = _spike_displacement(drift, t, k, T, pos, shank, fs, 10.0)
+    # template 0 at 11 s: its shank's blocks read 1 and 15 µm, halfway 8; at 13 s 3 and 25, halfway 14;
+    # template 1 reads shank 1's block at 11 and 12 s (6, 7); template 2's shank has no blocks
+    np.testing.assert_allclose(got, [8.0, 14.0, 6.0, 7.0, 0.0], atol=1e-9)
