@@ -278,14 +278,15 @@ def drift_merge(spike_time: np.ndarray, spike_unit: np.ndarray, templates: np.nd
             ra, rb = _root(parent, a), _root(parent, b)
             if ra == rb or counts[ra] == 0 or counts[rb] == 0:
                 continue
-            if loose and not _norm_close(norms, a, b):
+            same_size = _norm_close(norms, a, b)
+            if loose and not same_size:
                 continue
             if rates[ra].std() == 0 or rates[rb].std() == 0:
                 continue
             corr = np.corrcoef(rates[ra], rates[rb])[0, 1]
             # the rates may not show the turns that the positions do (first pass only: under 0.8, pieces of two
             # drift-split neighbours fired apart as well)
-            if corr > max_corr and not (disp is not None and not loose and _norm_close(norms, a, b)
+            if corr > max_corr and not (disp is not None and not loose and same_size
                                         and _fired_apart(disp[u == ra], disp[u == rb])):
                 continue
             keep, drop = (ra, rb) if counts[ra] >= counts[rb] else (rb, ra)

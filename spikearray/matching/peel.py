@@ -292,10 +292,9 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
     nm = (Ur.astype(np.float64) ** 2).sum((1, 2))
     inv_norm = np.where(nm > 0, 1.0 / np.sqrt(np.maximum(nm, 1e-30)), 0.0).astype(np.float32)
     chan_mask = (Ur != 0).any(2)
+    overlap = chan_mask.astype(np.float32) @ chan_mask.T.astype(np.float32) > 0  # (K, K): a channel in common
     # score update of template j after fitting k: scaled by 1/|U_j| since the loop keeps B_j/|U_j|
-    nb_ptr, nb_list, ctc_nb = _cross_correlations(Ur, chan_mask, inv_norm)
-    overlap = np.zeros((K, K), bool)
-    overlap[np.repeat(np.arange(K), np.diff(nb_ptr)), nb_list] = True
+    nb_ptr, nb_list, ctc_nb = _cross_correlations(Ur, chan_mask, overlap, inv_norm)
     block = max(1, int(np.ceil(np.sqrt(K))))
     n_blocks = -(-K // block)
     blk_ptr, blk = _compressed(np.pad(overlap, ((0, 0), (0, n_blocks * block - K))).reshape(K, n_blocks, block).any(2)
@@ -334,9 +333,10 @@ def _context(templates: np.ndarray, pcs: np.ndarray, nearU: np.ndarray, position
     )
 
 
-def _cross_correlations(Ur: np.ndarray, chan_mask: np.ndarray,
+def _cross_correlations(Ur: np.ndarray, chan_mask: np.ndarray, overlap: np.ndarray,
                         inv_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cross-correlations of every pair of templates that share a channel, scaled by the second's ``1/|U|``.
+    """Cross-correlations of every pair of templates that share a channel (``overlap``, (K, K) bool, from
+    ``chan_mask``, (K, C): each template's channels), scaled by the second's ``1/|U|``.
 
     ``ctc[k, j, δ] = Σ_c Σ_τ U_k[c, τ + δ - (nt - 1)] · U_j[c, τ] / |U_j|`` for ``δ`` in ``0 .. 2nt - 2``, as
     compressed lists (:func:`_compressed`): template ``k``'s overlapping templates are
@@ -347,8 +347,7 @@ def _cross_correlations(Ur: np.ndarray, chan_mask: np.ndarray,
     pairs that mostly share no channel.
     """
     K, C, nt = Ur.shape
-    shared = chan_mask.astype(np.float32) @ chan_mask.T.astype(np.float32) > 0 if K else np.zeros((0, 0), bool)
-    ptr, nb = _compressed(shared)
+    ptr, nb = _compressed(overlap)
     ctc = np.zeros((nb.size, 2 * nt - 1), np.float32)
     Ut = torch.from_numpy(Ur)
     # one thread: a single-input convolution may split its sum over channels and taps among threads, in an

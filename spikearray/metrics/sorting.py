@@ -10,8 +10,8 @@ import numpy as np
 import xarray as xr
 
 from .._version import __version__
-from ..clustering.merge import (absorb_fragments, ccg_merge, drift_merge, redundant_units, remove_duplicates,
-                               same_waveform_merge)
+from ..clustering.merge import (_unit_members, absorb_fragments, ccg_merge, drift_merge, redundant_units,
+                               remove_duplicates, same_waveform_merge)
 from ..geometry import positions, shanks
 from ..outputs import empty_variable, sorting_dataset
 from ..settings import Settings
@@ -46,10 +46,7 @@ def _spike_displacement(drift: xr.Dataset, spike_time: np.ndarray, spike_templat
     peak = (templates.astype(np.float64) ** 2).sum(2).argmax(1)
     has_blocks = (set(np.asarray(drift["block_shank"].values).tolist()) if "block_shank" in drift.coords
                   else None)
-    by_template = np.argsort(spike_template, kind="stable")
-    bounds = np.searchsorted(spike_template[by_template], np.arange(len(templates) + 1))
-    for j in range(len(templates)):
-        idx = by_template[bounds[j]:bounds[j + 1]]
+    for j, idx in _unit_members(spike_template, len(templates)).items():
         sh = int(shank[peak[j]])
         if len(idx) == 0 or (has_blocks is not None and sh not in has_blocks):
             continue
