@@ -101,3 +101,18 @@ def test_a_few_small_spikes_are_not_taken_out_of_a_template():
     assert np.linalg.norm(feat[truth == 1].mean(0)) < 15.0
     out = split_matched(matched, white, Settings(), min_spikes=30)
     assert np.unique(out["spike_template"].values).tolist() == [0]
+
+
+def test_a_piece_rare_in_the_sampled_chunks_keeps_its_own_waveform():
+    """A unit of 33 spikes split out of a busy neighbour's template, on a recording of 80 short chunks of which
+    the read-back samples 24: its mean comes from all its spikes, not the ~10 in the sampled chunks (too few,
+    so the piece kept the parent's mean, and the de-duplication of same-waveform pieces rejoined it)."""
+    busy, other = _unit_waveform(2, 2.0), 1.2 * _unit_waveform(5, 3.5)
+    matched, white, truth = _matched([busy, other], [400, 33], seed=4)
+    white = white.chunk({"time": int(0.25 * FS)})
+    out = split_matched(matched, white, Settings(), min_spikes=30)
+    lab = out["spike_template"].values
+    assert len(np.unique(lab)) == 2
+    piece = np.bincount(lab[truth == 1]).argmax()
+    assert piece != 0 and np.mean(lab[truth == 1] == piece) >= 0.95 and np.mean(truth[lab == piece] == 1) >= 0.95
+    assert np.linalg.norm(out["template_mean"].values[piece] - other) < 0.1 * np.linalg.norm(other)

@@ -119,14 +119,15 @@ def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings |
     times = matched["spike_time"].values
     fs = float(white.attrs["sampling_rate"])
     means, counts = mean_waveforms(white, times, lab, len(family), nt=s.nt, nt0=s.nt0min_,
-                                   torch_threads_=s.torch_threads)
+                                   min_per_template=min_spikes, torch_threads_=s.torch_threads)
     parents = np.array(split_ids + parent_of_new)
     new_mean = np.concatenate([tmean, np.zeros((Kn - K,) + tmean.shape[1:], tmean.dtype)])
     sizes = np.bincount(k, minlength=Kn)
     for i, f in enumerate(family):
-        # a piece too rare in the sampled chunks keeps its parent's mean (a small piece: fewer than its own
-        # minimum; lowering the bar for every piece changed the read-back of ordinary pieces and cost 7 false
-        # positive units on the dense static set)
+        # a piece with fewer than min_spikes spikes in the sampled chunks is averaged over all its spikes
+        # (min_per_template above). From the sampled chunks alone, the 33-spike piece of a 51 µV unit inside a
+        # 76 µV unit's template got 16, kept its parent's mean, and the de-duplication below rejoined it.
+        # A piece still short of its minimum (spikes at the recording's edges) keeps its parent's mean.
         need = min(20, min_spikes) if sizes[f] >= min_spikes else least
         new_mean[f] = means[i] if counts[i] >= need else tmean[parents[i]]
     # pieces whose read-back means are the same waveform are one unit after all (the first clustering's

@@ -63,7 +63,7 @@ def _sum_block(block: np.ndarray, info: ChunkInfo, ctx: _SumContext) -> tuple[np
 
 
 def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.ndarray, n_templates: int, *,
-                   nt: int, nt0: int, n_chunks: int = 24, max_per_template: int = 400,
+                   nt: int, nt0: int, n_chunks: int = 24, max_per_template: int = 400, min_per_template: int = 0,
                    torch_threads_: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean waveform of every label, from spikes in a deterministic, evenly spaced sample of chunks.
 
@@ -82,6 +82,10 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
         Chunks read (evenly spaced).
     max_per_template : int
         Spikes used per template at most (evenly thinned).
+    min_per_template : int
+        A label with fewer spikes than this in the sampled chunks is averaged over its spikes in every chunk
+        (up to ``max_per_template``): the other chunks holding them are read too. A low-rate unit of a few
+        dozen spikes otherwise gets about half of them from 24 of 50 chunks.
     torch_threads_ : int, optional
         Torch threads per chunk (default: cores / dask threads).
 
@@ -97,7 +101,11 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     chosen = sample_chunks(len(data.chunks[0]), n_chunks)
     keep = spike_label >= 0
     t_all, l_all = spike_time[keep], spike_label[keep]
-    in_chunk = np.isin(np.searchsorted(starts, t_all, side="right") - 1, chosen)
+    chunk_of = np.searchsorted(starts, t_all, side="right") - 1
+    in_chunk = np.isin(chunk_of, chosen)
+    if min_per_template > 0:
+        sampled = np.bincount(l_all[in_chunk], minlength=n_templates)
+        in_chunk |= np.isin(l_all, np.flatnonzero(sampled < min_per_template))
     t_all, l_all = t_all[in_chunk], l_all[in_chunk]
     # evenly thin each template to max_per_template spikes
     sel = np.zeros(len(t_all), bool)
@@ -110,7 +118,7 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     sums = np.zeros((n_templates, nt, C))
     counts = np.zeros(n_templates, np.int64)
     # only the sampled chunks that hold a chosen spike are read
-    used = [int(i) for i in chosen if ((t_all >= starts[i]) & (t_all < starts[i + 1])).any()]
+    used = [int(i) for i in range(len(data.chunks[0])) if ((t_all >= starts[i]) & (t_all < starts[i + 1])).any()]
     if used:
         ctx = _SumContext(times=np.ascontiguousarray(t_all, np.int64), labels=np.ascontiguousarray(l_all, np.int64),
                           n_templates=int(n_templates), nt=int(nt), nt0=int(nt0), threads=torch_threads_)
