@@ -218,6 +218,33 @@ def test_mean_waveforms_recover_planted_waveforms_and_materialize_round_trips(tm
     assert back.chunks == white.chunks and not list(tmp_path.glob("*.partial"))
 
 
+def test_mean_waveforms_reads_every_spike_of_a_label_too_rare_in_the_sampled_chunks():
+    """Two of six chunks are sampled: a unit of 300 spikes keeps its sampled ones, a unit of 12 spikes spread
+    over the recording (2-3 in the sampled chunks) is averaged over all 12 when ``min_per_template`` asks for
+    more than it has there."""
+    import dask.array as da
+
+    rng = np.random.default_rng(5)
+    n, C, nt, nt0 = 60000, 5, 21, 7
+    x = (0.1 * rng.standard_normal((n, C))).astype(np.float32)
+    W = rng.standard_normal((2, nt, C)).astype(np.float32) * 5
+    rare = np.linspace(1000, n - 1000, 12).round().astype(np.int64) + 17
+    grid = np.arange(100, n - 100, 40)
+    grid = grid[np.abs(grid[:, None] - rare[None]).min(1) > nt]  # no waveform overlaps a rare one
+    common = np.sort(rng.choice(grid, 300, replace=False))
+    times = np.concatenate([common, rare])
+    labels = np.repeat([0, 1], [300, 12])
+    for t, k in zip(times, labels):
+        x[t - nt0:t - nt0 + nt] += W[k]
+    white = xr.DataArray(da.from_array(x, chunks=(10000, C)), dims=("time", "channel"))
+    in_sampled = lambda t: np.isin(t // 10000, [0, 5])  # sample_chunks(6, 2): the first and the last chunk
+    _, counts = mean_waveforms(white, times, labels, 2, nt=nt, nt0=nt0, n_chunks=2)
+    assert counts.tolist() == [in_sampled(common).sum(), in_sampled(rare).sum()] and counts[1] < 5
+    means, counts = mean_waveforms(white, times, labels, 2, nt=nt, nt0=nt0, n_chunks=2, min_per_template=5)
+    assert counts.tolist() == [in_sampled(common).sum(), 12]
+    np.testing.assert_allclose(means, W.transpose(0, 2, 1), atol=0.12)
+
+
 def _masked_pair(rng, rate_a=3.0, rate_b=8.0, dur=100.0, gap_ms=1.5):
     """Two independent neurons whose spikes never fall within ``gap_ms`` of each other: what matching pursuit
     leaves of two overlapping units (it fits one of two templates that arrive together)."""
@@ -394,3 +421,37 @@ def test_each_spike_reads_the_drift_of_its_templates_depth_and_shank():
     # template 0 at 11 s: its shank's blocks read 1 and 15 µm, halfway 8; at 13 s 3 and 25, halfway 14;
     # template 1 reads shank 1's block at 11 and 12 s (6, 7); template 2's shank has no blocks
     np.testing.assert_allclose(got, [8.0, 14.0, 6.0, 7.0, 0.0], atol=1e-9)
+
+
+def test_same_waveform_merge_does_not_let_a_noisy_piece_bridge_two_neurons():
+    """Two units of 140 spikes with distinct waveforms (their means differ ~80× the averaging noise) and a
+    12-spike piece half-way between them whose scatter is 3 noise SD: the piece passes the test with each unit,
+    the units fail it with each other. Complete linkage joins the piece to one of them and keeps the two units
+    apart (single linkage made all three one). Their spikes never break the refractory period together, so the
+    waveform test alone decides."""
+    rng = np.random.default_rng(12)
+    nC, P = 6, 3
+    a = np.zeros((nC, P))
+    a[:3, 0] = [3.0, 2.0, 1.0]
+    b = a.copy()
+    b[:3, 1] = [2.0, 2.0, 1.0]  # |a - b|² = 9
+    train = _train(rng, 4.0, 100)  # one refractory train dealt out to the three, so no union breaks it
+    assert len(train) >= 292
+    u = np.full(len(train), -1)
+    u[:292] = np.concatenate([np.zeros(140, int), np.ones(140, int), np.full(12, 2)])[rng.permutation(292)]
+    t, u = train[u >= 0], u[u >= 0]
+    mean = np.stack([a, b, (a + b) / 2])[u]
+    sd = np.array([1.0, 1.0, 3.0])[u][:, None, None]
+    feat = mean + sd * rng.standard_normal((len(u), nC, P))
+    chans = np.tile(np.arange(nC), (3, 1))
+
+    def ratio(i, j):
+        xi, xj = feat[u == i].reshape(-1, nC * P), feat[u == j].reshape(-1, nC * P)
+        noise = (xi.var(0, ddof=1) / len(xi) + xj.var(0, ddof=1) / len(xj)).sum()
+        return ((xi.mean(0) - xj.mean(0)) ** 2).sum() / noise
+
+    assert ratio(0, 2) <= SAME_WAVEFORM_RATIO and ratio(1, 2) <= SAME_WAVEFORM_RATIO < ratio(0, 1)
+    _, merged, parent = same_waveform_merge(t, u, u, feat, chans, sampling_rate=FS, acg_threshold=0.2)
+    assert parent[0] != parent[1]
+    assert parent[2] in (parent[0], parent[1])
+    assert np.unique(merged).size == 2
