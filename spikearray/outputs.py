@@ -147,6 +147,8 @@ ATTRIBUTES: dict[str, tuple[str, str]] = {
     "n_units_good": ("int", "units labelled `good`"),
     "time_offset_samples": ("int", "samples before `tmin` that were skipped (already added to `spike_time`)"),
     "stages_skipped": ("str", "JSON list of the stages read back from a previous run's cache"),
+    "n_low_mode_spikes": ("int", "matched spikes dropped as their template's separate low-amplitude mode, other "
+                                 "neurons' spikes (`clustering.final.drop_low_amplitude_mode`)"),
 }
 
 _BY_NAME = {v.name: v for v in OUTPUTS}

@@ -200,17 +200,19 @@ def _match(corrected: xr.DataArray, templates: xr.DataArray, bases: xr.Dataset, 
 
 
 def _recluster(matched: xr.Dataset, corrected: xr.DataArray, *, run: Run) -> xr.Dataset:
-    from .clustering.final import split_matched
+    from .clustering.final import drop_low_amplitude_mode, split_matched
 
-    return split_matched(matched, corrected, run.settings)
+    return drop_low_amplitude_mode(split_matched(matched, corrected, run.settings))
 
 
 def _merge(matched: xr.Dataset, recording: xr.DataArray, corrected: xr.DataArray, preprocessed: xr.Dataset,
            drift: xr.Dataset, *, run: Run) -> xr.Dataset:
     from .metrics.sorting import build_sorting
 
-    return build_sorting(matched, recording=recording, white=corrected, whitening=preprocessed["whitening_matrix"],
-                         drift=_drift_or_none(drift), settings=run.settings, timings={})
+    sorting = build_sorting(matched, recording=recording, white=corrected, whitening=preprocessed["whitening_matrix"],
+                            drift=_drift_or_none(drift), settings=run.settings, timings={})
+    sorting.attrs["n_low_mode_spikes"] = int(matched.attrs.get("n_low_mode_spikes", 0))
+    return sorting
 
 
 def _drift_or_none(drift: xr.Dataset | None) -> xr.Dataset | None:
@@ -258,7 +260,8 @@ STAGES: tuple[Stage, ...] = (
           ("seed", "cluster_init_seed", "nt", "nt0min", "acg_threshold", "torch_threads"), False,
           "spikearray.clustering.final",
           "each template's matched spikes split along their own PCs while the halves are bimodal (Kilosort4's "
-          "final clustering, on one template at a time); the pieces' templates read back from the data",
+          "final clustering, on one template at a time); the pieces' templates read back from the data; spikes "
+          "a template fitted at a separate, much lower amplitude mode (other neurons') dropped",
           "per template; sampled chunks"),
     Stage("merge+metrics", _merge, ("reclustered", "recording", "corrected", "preprocessed", "drift"), "sorting",
           _group("merging", "metrics") + ("batch_size", "nearest_chans"), False,

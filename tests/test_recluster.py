@@ -116,3 +116,36 @@ def test_a_piece_rare_in_the_sampled_chunks_keeps_its_own_waveform():
     piece = np.bincount(lab[truth == 1]).argmax()
     assert piece != 0 and np.mean(lab[truth == 1] == piece) >= 0.95 and np.mean(truth[lab == piece] == 1) >= 0.95
     assert np.linalg.norm(out["template_mean"].values[piece] - other) < 0.1 * np.linalg.norm(other)
+
+
+def test_a_templates_separate_low_amplitude_mode_is_dropped_and_a_broad_one_kept():
+    """Template 0: 300 spikes of its unit at scale ~1 and 25 spikes of another neuron it fitted at ~0.35;
+    template 1: 400 spikes whose scales spread widely but in one mode (log-normal, SD 0.3); template 2: two
+    modes only 1.15× apart. Only template 0's 25 low spikes go."""
+    from spikearray.clustering.final import LOW_MODE_RATIO, LOW_MODE_SEPARATION, drop_low_amplitude_mode
+
+    rng = np.random.default_rng(7)
+    scale = np.concatenate([
+        rng.normal(1.0, 0.08, 300), rng.normal(0.35, 0.04, 25),
+        np.exp(rng.normal(0.0, 0.3, 400)),
+        np.exp(np.concatenate([rng.normal(0.0, 0.01, 200), rng.normal(-np.log(1.15), 0.01, 100)])),
+    ]).astype(np.float32)
+    k = np.repeat([0, 0, 1, 2], [300, 25, 400, 300])
+    perm = rng.permutation(len(k))
+    k, scale = k[perm], scale[perm]
+    matched = xr.Dataset({
+        "spike_time": ("spike", np.sort(rng.choice(10 ** 7, len(k), replace=False))),
+        "spike_template": ("spike", k),
+        "spike_scale": ("spike", scale),
+        "template_count": ("template", np.bincount(k)),
+    })
+    out = drop_low_amplitude_mode(matched)
+    gone = ~np.isin(matched["spike_time"].values, out["spike_time"].values)
+    assert gone.sum() == 25 and out.attrs["n_low_mode_spikes"] == 25
+    assert np.all(k[gone] == 0) and np.all(scale[gone] < 0.6)
+    assert out["template_count"].values.tolist() == [300, 400, 300]
+    # the third template's modes are separated enough but too close in size: the ratio rule keeps them
+    assert drop_low_amplitude_mode(matched, ratio=1.1).attrs["n_low_mode_spikes"] == 125
+    assert LOW_MODE_RATIO > 1.15 and LOW_MODE_SEPARATION == 5.0
+    # a low group smaller than min_spikes stays
+    assert drop_low_amplitude_mode(matched, min_spikes=30).attrs["n_low_mode_spikes"] == 0
