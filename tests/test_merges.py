@@ -218,10 +218,10 @@ def test_mean_waveforms_recover_planted_waveforms_and_materialize_round_trips(tm
     assert back.chunks == white.chunks and not list(tmp_path.glob("*.partial"))
 
 
-def test_mean_waveforms_reads_every_spike_of_a_label_too_rare_in_the_sampled_chunks():
-    """Two of six chunks are sampled: a unit of 300 spikes keeps its sampled ones, a unit of 12 spikes spread
-    over the recording (2-3 in the sampled chunks) is averaged over all 12 when ``min_per_template`` asks for
-    more than it has there."""
+def test_mean_waveforms_tops_up_a_label_too_rare_in_the_sampled_chunks():
+    """Two of six chunks are sampled: a unit of 300 spikes keeps its sampled ones; a unit of 12 spikes spread
+    over the recording (2 per chunk, so 4 in the sampled chunks) gets more from other chunks, up to
+    ``min_per_template`` or all 12 it has."""
     import dask.array as da
 
     rng = np.random.default_rng(5)
@@ -237,11 +237,15 @@ def test_mean_waveforms_reads_every_spike_of_a_label_too_rare_in_the_sampled_chu
     for t, k in zip(times, labels):
         x[t - nt0:t - nt0 + nt] += W[k]
     white = xr.DataArray(da.from_array(x, chunks=(10000, C)), dims=("time", "channel"))
-    in_sampled = lambda t: np.isin(t // 10000, [0, 5])  # sample_chunks(6, 2): the first and the last chunk
+    sampled = np.isin(common // 10000, [0, 5]).sum()  # sample_chunks(6, 2): the first and the last chunk
+    assert np.isin(rare // 10000, [0, 5]).sum() == 4
     _, counts = mean_waveforms(white, times, labels, 2, nt=nt, nt0=nt0, n_chunks=2)
-    assert counts.tolist() == [in_sampled(common).sum(), in_sampled(rare).sum()] and counts[1] < 5
-    means, counts = mean_waveforms(white, times, labels, 2, nt=nt, nt0=nt0, n_chunks=2, min_per_template=5)
-    assert counts.tolist() == [in_sampled(common).sum(), 12]
+    assert counts.tolist() == [sampled, 4]
+    # two more chunks of 2 rare spikes each reach 8; the common unit's mean is untouched
+    _, counts = mean_waveforms(white, times, labels, 2, nt=nt, nt0=nt0, n_chunks=2, min_per_template=8)
+    assert counts.tolist() == [sampled, 8]
+    means, counts = mean_waveforms(white, times, labels, 2, nt=nt, nt0=nt0, n_chunks=2, min_per_template=30)
+    assert counts.tolist() == [sampled, 12]
     np.testing.assert_allclose(means, W.transpose(0, 2, 1), atol=0.12)
 
 

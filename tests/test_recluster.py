@@ -105,8 +105,8 @@ def test_a_few_small_spikes_are_not_taken_out_of_a_template():
 
 def test_a_piece_rare_in_the_sampled_chunks_keeps_its_own_waveform():
     """A unit of 33 spikes split out of a busy neighbour's template, on a recording of 80 short chunks of which
-    the read-back samples 24: its mean comes from all its spikes, not the ~10 in the sampled chunks (too few,
-    so the piece kept the parent's mean, and the de-duplication of same-waveform pieces rejoined it)."""
+    the read-back samples 24: its mean is topped up to 20 spikes from other chunks, beyond the ~10 in the sampled
+    ones (too few: the piece kept the parent's mean, and the de-duplication of same-waveform pieces rejoined it)."""
     busy, other = _unit_waveform(2, 2.0), 1.2 * _unit_waveform(5, 3.5)
     matched, white, truth = _matched([busy, other], [400, 33], seed=4)
     white = white.chunk({"time": int(0.25 * FS)})

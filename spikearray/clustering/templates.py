@@ -62,6 +62,32 @@ def _sum_block(block: np.ndarray, info: ChunkInfo, ctx: _SumContext) -> tuple[np
     return sums, np.bincount(lab, minlength=K)
 
 
+def _top_up(chunk_of: np.ndarray, label: np.ndarray, taken: np.ndarray, n_chunks: int, n_labels: int,
+            least: int) -> np.ndarray:
+    """Spikes to add to ``taken`` so that every label has ``least`` of them (or all it has), from as few
+    further chunks as a greedy choice finds: each step reads the chunk that supplies most of what is still
+    missing. Only the short labels' spikes in those chunks are added, so the others' means do not change."""
+    have = np.bincount(label[taken], minlength=n_labels)
+    short = have < least
+    pool = ~taken & short[label]
+    if not pool.any():
+        return np.zeros(len(label), bool)
+    # (label, chunk) counts of the short labels' spikes outside the taken ones
+    avail = np.zeros((n_labels, n_chunks), np.int64)
+    np.add.at(avail, (label[pool], chunk_of[pool]), 1)
+    missing = np.where(short, least - have, 0)
+    chosen = []
+    while missing.any():
+        gain = np.minimum(avail, missing[:, None]).sum(0)
+        c = int(np.argmax(gain))
+        if gain[c] == 0:
+            break
+        chosen.append(c)
+        missing = np.maximum(missing - avail[:, c], 0)
+        avail[:, c] = 0
+    return pool & np.isin(chunk_of, chosen)
+
+
 def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.ndarray, n_templates: int, *,
                    nt: int, nt0: int, n_chunks: int = 24, max_per_template: int = 400, min_per_template: int = 0,
                    torch_threads_: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +109,9 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     max_per_template : int
         Spikes used per template at most (evenly thinned).
     min_per_template : int
-        A label with fewer spikes than this in the sampled chunks is averaged over its spikes in every chunk
-        (up to ``max_per_template``): the other chunks holding them are read too. A low-rate unit of a few
-        dozen spikes otherwise gets about half of them from 24 of 50 chunks.
+        A label with fewer spikes than this in the sampled chunks gets more from other chunks, up to this many
+        (or all it has): the chunks holding most of the missing spikes are read first. A low-rate unit of a
+        few dozen spikes otherwise gets about half of them from 24 of 50 chunks.
     torch_threads_ : int, optional
         Torch threads per chunk (default: cores / dask threads).
 
@@ -104,8 +130,7 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     chunk_of = np.searchsorted(starts, t_all, side="right") - 1
     in_chunk = np.isin(chunk_of, chosen)
     if min_per_template > 0:
-        sampled = np.bincount(l_all[in_chunk], minlength=n_templates)
-        in_chunk |= np.isin(l_all, np.flatnonzero(sampled < min_per_template))
+        in_chunk |= _top_up(chunk_of, l_all, in_chunk, len(data.chunks[0]), n_templates, min_per_template)
     t_all, l_all = t_all[in_chunk], l_all[in_chunk]
     # evenly thin each template to max_per_template spikes
     sel = np.zeros(len(t_all), bool)
