@@ -89,7 +89,7 @@ def drop_low_amplitude_mode(matched: xr.Dataset, *, min_spikes: int = SMALL_PIEC
     scales split into two groups whose means lie ``separation`` pooled SDs apart and whose medians differ
     ``ratio`` times, the low group (at least ``min_spikes``) is dropped from the sorting: those spikes belong
     to other neurons. On the dense paper sets they did: on the drifting 128-channel set 30 of the 680 spikes
-    dropped were the template's own unit's, the rest 20-80-spike runs of other units (a 204 µV unit's
+    dropped were the template's own unit's, the rest groups of 12-80 spikes of other units (a 204 µV unit's
     accuracy 0.62 → 0.97, a 251 µV unit's on the static set 0.80 → 1.00). Kept as a unit of its own instead,
     the low group added false-positive units and no well-detected one (docs/sorter.md).
 
@@ -215,8 +215,8 @@ def split_matched(matched: xr.Dataset, white: xr.DataArray, settings: Settings |
         # min_per_template). From the sampled chunks alone, the 33-spike piece of a 51 µV unit inside a 76 µV
         # unit's template got 16, kept its parent's mean, and the de-duplication below rejoined it. Reading
         # every spike of such pieces instead of 20 scored the same on every set and took 3.2 instead of 2.5 s of
-        # re-clustering on P128-static (2.0 s without). A piece still short (spikes at chunk edges) keeps its
-        # parent's mean.
+        # re-clustering on P128-static (2.0 s without). A piece still short (the top-up reads at most 24 more
+        # chunks, and skips spikes at chunk edges) keeps its parent's mean.
         need = min(20, min_spikes) if sizes[f] >= min_spikes else least
         new_mean[f] = means[i] if counts[i] >= need else tmean[parents[i]]
     # pieces whose read-back means are the same waveform are one unit after all (the first clustering's

@@ -145,8 +145,8 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     C = white.sizes["channel"]
     sums = np.zeros((n_templates, nt, C))
     counts = np.zeros(n_templates, np.int64)
-    # only the sampled chunks that hold a chosen spike are read
-    used = [int(i) for i in range(len(data.chunks[0])) if ((t_all >= starts[i]) & (t_all < starts[i + 1])).any()]
+    # only the chunks that hold a chosen spike (sampled, or added by the top-up) are read
+    used = [int(i) for i in np.unique(np.searchsorted(starts, t_all, side="right") - 1)]
     if used:
         ctx = _SumContext(times=np.ascontiguousarray(t_all, np.int64), labels=np.ascontiguousarray(l_all, np.int64),
                           n_templates=int(n_templates), nt=int(nt), nt0=int(nt0), threads=torch_threads_)
