@@ -23,6 +23,7 @@ import xarray as xr
 from ..settings import Settings
 from ..metrics.refractory import is_refractory
 from .cluster import clustering_seed, dedup_templates
+from .merge import _unit_members
 from .splitmerge import split_population
 from .templates import mean_waveforms
 
@@ -117,10 +118,7 @@ def drop_low_amplitude_mode(matched: xr.Dataset, *, min_spikes: int = SMALL_PIEC
     k = matched["spike_template"].values.astype(np.int64)
     scale = matched["spike_scale"].values
     drop = np.zeros(len(k), bool)
-    order = np.argsort(k, kind="stable")
-    bounds = np.searchsorted(k[order], np.arange(matched.sizes["template"] + 1))
-    for j in range(matched.sizes["template"]):
-        idx = order[bounds[j]:bounds[j + 1]]
+    for idx in _unit_members(k, matched.sizes["template"]).values():
         drop[idx[_low_mode(scale[idx], min_spikes, separation, ratio)]] = True
     out = matched.isel(spike=np.flatnonzero(~drop))
     out = out.assign(template_count=(matched["template_count"].dims,

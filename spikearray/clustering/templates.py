@@ -134,19 +134,19 @@ def mean_waveforms(white: xr.DataArray, spike_time: np.ndarray, spike_label: np.
     if min_per_template > 0:
         in_chunk |= _top_up(chunk_of, l_all, in_chunk, len(data.chunks[0]), n_templates, min_per_template,
                             n_chunks)
-    t_all, l_all = t_all[in_chunk], l_all[in_chunk]
+    t_all, l_all, c_all = t_all[in_chunk], l_all[in_chunk], chunk_of[in_chunk]
     # evenly thin each template to max_per_template spikes
     sel = np.zeros(len(t_all), bool)
     for k in range(n_templates):
         idx = np.flatnonzero(l_all == k)
         if len(idx):
             sel[idx[np.unique(np.linspace(0, len(idx) - 1, min(len(idx), max_per_template)).astype(int))]] = True
-    t_all, l_all = t_all[sel], l_all[sel]
+    t_all, l_all, c_all = t_all[sel], l_all[sel], c_all[sel]
     C = white.sizes["channel"]
     sums = np.zeros((n_templates, nt, C))
     counts = np.zeros(n_templates, np.int64)
     # only the chunks that hold a chosen spike (sampled, or added by the top-up) are read
-    used = [int(i) for i in np.unique(np.searchsorted(starts, t_all, side="right") - 1)]
+    used = [int(i) for i in np.unique(c_all)]
     if used:
         ctx = _SumContext(times=np.ascontiguousarray(t_all, np.int64), labels=np.ascontiguousarray(l_all, np.int64),
                           n_templates=int(n_templates), nt=int(nt), nt0=int(nt0), threads=torch_threads_)
